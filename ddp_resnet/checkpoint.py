@@ -1,0 +1,192 @@
+"""The ONLY torch.save / torch.load of training state: atomic writes, safe loads, newest-valid lookup.
+
+Files hold only tensors and plain Python values, so they load with ``torch.load(weights_only=True)``; a file
+whose pickle would run code is refused. A write goes to a temporary file in the same directory, is fsynced and
+renamed over the target, so a kill at any moment leaves the previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import re
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import ddp_resnet
+
+# Test hook: seconds to sleep between writing the temporary file and renaming it (simulates a slow disk).
+_SLOW_WRITE_ENV = "DDP_RESNET_TEST_SLOW_SAVE_S"
+EPOCH_FILE = re.compile(r"epoch_(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used, described in one line."""
+
+
+# ------------------------------------------------------------------------------------------------ RNG state
+def rng_state() -> dict:
+    """This process's RNG states (python, numpy, torch CPU, CUDA) as plain values and tensors."""
+    np_state = np.random.get_state()
+    state = {
+        "python": _plain(random.getstate()),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore RNG states written by rng_state()."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
+
+
+def _plain(value):
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+# ------------------------------------------------------------------------------------------------- manifest
+def _git_commit() -> str:
+    try:
+        here = Path(ddp_resnet.__file__).resolve().parent
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+_COMMIT: list = []
+
+
+def manifest(world_size: int) -> dict:
+    """Where and with what a checkpoint was written."""
+    if not _COMMIT:
+        _COMMIT.append(_git_commit())
+    return {"package_version": ddp_resnet.__version__, "torch_version": torch.__version__,
+            "world_size": world_size, "git_commit": _COMMIT[0], "hostname": socket.gethostname(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "unix_time": time.time()}
+
+
+# ----------------------------------------------------------------------------------------------- save/load
+def save(payload: dict, path: str | Path) -> None:
+    """Atomically write payload to path: temporary file, fsync, rename, fsync of the directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        delay = float(os.environ.get(_SLOW_WRITE_ENV, "0") or 0)
+        if delay:
+            time.sleep(delay)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load(path: str | Path, map_location: torch.device | str = "cpu") -> dict:
+    """Load a checkpoint with weights_only=True; raise CheckpointError (one line) if it cannot be used."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path} refused: it holds more than tensors and plain values "
+                              f"({first[:160]})") from None
+    except Exception as exc:  # truncated or corrupt files raise many different types
+        raise CheckpointError(f"checkpoint {path} failed to load ({type(exc).__name__}: "
+                              f"{str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''})") from None
+    if not isinstance(payload, dict) or "model" not in payload:
+        raise CheckpointError(f"checkpoint {path} is not a ddp_resnet checkpoint (no 'model' entry)")
+    return payload
+
+
+def candidates(ckpt_dir: str | Path) -> list[Path]:
+    """Resumable files in a checkpoint directory, newest first (last.pt, then epoch files by number)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    epoch_files = sorted((p for p in ckpt_dir.iterdir() if EPOCH_FILE.search(p.name)),
+                         key=lambda p: int(EPOCH_FILE.search(p.name).group(1)), reverse=True)
+    last = [ckpt_dir / "last.pt"] if (ckpt_dir / "last.pt").is_file() else []
+    return last + epoch_files
+
+
+def load_latest_valid(ckpt_dir: str | Path, map_location, warn=print) -> tuple[Path, dict] | None:
+    """The newest checkpoint that loads, by global step; unusable files are reported in one line each."""
+    best: tuple[Path, dict] | None = None
+    for path in candidates(ckpt_dir):
+        try:
+            payload = load(path, map_location)
+        except CheckpointError as exc:
+            warn(f"warning: {exc}; trying an older checkpoint")
+            continue
+        if best is None or payload.get("step", 0) > best[1].get("step", 0):
+            best = (path, payload)
+    return best
+
+
+def check_compatible(payload: dict, model_name: str, num_classes: int, path: str | Path) -> None:
+    """Refuse a checkpoint written for a different network."""
+    saved = (payload.get("config") or {}).get("model", {})
+    if saved.get("name") and saved["name"] != model_name:
+        raise CheckpointError(f"checkpoint {path} is for model '{saved['name']}', but this run trains "
+                              f"'{model_name}'; use another output_dir or ckpt.resume=none")
+    head = [v for k, v in payload["model"].items() if k.endswith("fc.weight")]
+    if head and head[-1].shape[0] != num_classes:
+        raise CheckpointError(f"checkpoint {path} has {head[-1].shape[0]} classes, this run has {num_classes}")
+
+
+class CheckpointPolicy:
+    """Which files to write: last.pt always, epoch_XXXX.pt keeping the newest `keep`, best.pt on improvement."""
+
+    def __init__(self, ckpt_dir: str | Path, keep: int):
+        self.dir = Path(ckpt_dir)
+        self.keep = keep
+
+    def save_last(self, payload: dict) -> Path:
+        """Write last.pt."""
+        path = self.dir / "last.pt"
+        save(payload, path)
+        return path
+
+    def save_epoch(self, payload: dict, epoch: int) -> None:
+        """Write epoch_XXXX.pt and prune the oldest beyond `keep`."""
+        if self.keep <= 0:
+            return
+        save(payload, self.dir / f"epoch_{epoch:04d}.pt")
+        epoch_files = [p for p in candidates(self.dir) if EPOCH_FILE.search(p.name)]
+        for old in epoch_files[self.keep:]:
+            old.unlink(missing_ok=True)
+
+    def save_best(self, payload: dict) -> None:
+        """Write best.pt."""
+        save(payload, self.dir / "best.pt")

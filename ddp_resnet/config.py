@@ -1,0 +1,369 @@
+"""Configuration: documented dataclasses, YAML recipes, dotted command-line overrides, validation.
+
+Every key is documented once, next to its default. ``load(path, overrides)`` returns a validated, frozen
+``Config``; anything wrong raises ``ConfigError`` with a one-line message that names the key and, where
+there is a fixed set, the valid choices. Validation runs before any process group or device work.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, described in one line."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "resnet18"  # any name from ddp_resnet.models.list_models()
+    stem: str = "auto"  # auto (cifar for 32 px inputs, imagenet otherwise) | cifar | imagenet
+    zero_init_residual: bool = False  # last BN gamma of each residual block starts at 0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "synthetic"  # cifar10 | cifar100 | imagefolder | synthetic
+    root: str = "data"  # cifar: dir holding cifar-10-batches-py/; imagefolder: dir holding train/ and val/ or test/
+    download: bool = False  # cifar only: download (checksummed) when the files are missing
+    batch_size: int = 128  # GLOBAL batch per optimizer step, split evenly over ranks (and accumulation steps)
+    eval_batch_size: int = 0  # global eval batch; 0 = 2 x batch_size
+    loader: str = "auto"  # auto (gpu for cifar/synthetic on CUDA) | dataloader | gpu (device-resident uint8 data)
+    workers: int = 4  # DataLoader worker processes per rank
+    pin_memory: bool = True  # pinned host memory for DataLoader batches (CUDA only)
+    persistent_workers: bool = True  # keep DataLoader workers alive between epochs
+    prefetch_factor: int = 2  # batches prefetched per DataLoader worker
+    image_size: int = 0  # training crop size; 0 = dataset default (32 for cifar, 224 for imagefolder)
+    eval_resize: int = 0  # imagefolder eval: resize shorter side to this, then center-crop; 0 = image_size*8/7
+    augment: str = "auto"  # auto (crop_flip for 32 px data, rrc_flip otherwise) | none | flip | crop_flip | rrc_flip
+    crop_padding: int = 4  # crop_flip: pixels of zero padding before the random crop
+    mixup_alpha: float = 0.0  # > 0 enables mixup with Beta(alpha, alpha)
+    cutmix_alpha: float = 0.0  # > 0 enables cutmix; with mixup too, one of the two is picked per batch
+    synthetic_train_size: int = 2048  # synthetic: number of training images
+    synthetic_test_size: int = 512  # synthetic: number of test images
+    synthetic_classes: int = 10  # synthetic: number of classes
+    synthetic_image_size: int = 32  # synthetic: image side in pixels
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.1  # peak learning rate (for the global batch, before the optional linear scaling)
+    momentum: float = 0.9  # sgd momentum
+    nesterov: bool = False  # sgd Nesterov momentum
+    betas: tuple = (0.9, 0.999)  # adamw betas
+    weight_decay: float = 5e-4  # L2 / decoupled weight decay
+    no_wd_bn_bias: bool = False  # exclude BatchNorm parameters and biases from weight decay
+    lr_scale_ref_batch: int = 0  # linear scaling rule: lr *= batch_size / this; 0 = off
+    schedule: str = "cosine"  # cosine | multistep | onecycle | constant (stepped per iteration)
+    warmup_epochs: float = 0.0  # linear warmup length in epochs (fractions allowed)
+    warmup_start_factor: float = 0.1  # warmup starts at lr * this
+    milestones: tuple = ()  # multistep: decay points, in units of `milestones_unit`
+    milestones_unit: str = "epoch"  # epoch | step
+    gamma: float = 0.1  # multistep: factor applied at each milestone
+    min_lr: float = 0.0  # cosine: final learning rate
+    clip_grad_norm: float = 0.0  # > 0 clips the global gradient norm (after unscaling)
+    accum_steps: int = 1  # gradient accumulation micro-steps per optimizer step
+    ema_decay: float = 0.0  # > 0 keeps an exponential moving average of the weights (evaluated too)
+    fused: str = "auto"  # auto (fused on CUDA) | true | false: fused/foreach optimizer kernels
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10  # training length in epochs (ignored when max_steps > 0)
+    max_steps: int = 0  # training length in optimizer steps; 0 = epochs x steps per epoch
+    run_steps: int = 0  # this invocation trains at most N more steps, then checkpoints and exits 0
+    seed: int = 0  # seeds weights, data order and augmentation
+    device: str = "auto"  # auto | cpu | cuda
+    amp: str = "none"  # none | bf16 | fp16 (fp16 uses a GradScaler)
+    channels_last: bool = False  # NHWC memory format for model and inputs
+    compile: bool = False  # torch.compile the model
+    sync_bn: bool = False  # synchronize BatchNorm statistics across ranks
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    eval_every: int = 1  # evaluate every N epochs (and always after the last)
+    log_every: int = 50  # console progress line every N steps
+    deterministic: bool = False  # deterministic algorithms (slower on GPU)
+    cudnn_benchmark: bool = True  # cudnn autotuner (off when deterministic)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    resume: str = "auto"  # auto (newest valid checkpoint in output_dir) | none | PATH
+    every_steps: int = 0  # also write last.pt every N steps; 0 = only at epoch ends
+    keep: int = 3  # periodic epoch files kept (epoch_XXXX.pt); 0 = keep none, only last.pt/best.pt
+    overwrite: bool = False  # with resume=none: allow starting fresh in a directory that holds a run
+
+
+@dataclass(frozen=True)
+class DistConfig:
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    timeout_s: int = 300  # collective timeout; a failed rank ends the job within this
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    checkpoint: str = ""  # local checkpoint (torchvision or ddp_resnet) to start from; the head is replaced
+    freeze: str = "none"  # none | backbone (train only the classifier head)
+    stage_lr: dict = field(default_factory=dict)  # per-stage learning rates, e.g. {layer4: 1e-4, fc: 1e-3}
+
+
+@dataclass(frozen=True)
+class Config:
+    output_dir: str = "runs/default"  # the run directory: config.yaml, metrics.jsonl, tb/, checkpoints/
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+
+CHOICES = {
+    "model.stem": ("auto", "cifar", "imagenet"),
+    "data.dataset": ("cifar10", "cifar100", "imagefolder", "synthetic"),
+    "data.loader": ("auto", "dataloader", "gpu"),
+    "data.augment": ("auto", "none", "flip", "crop_flip", "rrc_flip"),
+    "optim.name": ("sgd", "adamw"),
+    "optim.schedule": ("cosine", "multistep", "onecycle", "constant"),
+    "optim.milestones_unit": ("epoch", "step"),
+    "optim.fused": ("auto", "true", "false"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.amp": ("none", "bf16", "fp16"),
+    "dist.backend": ("auto", "nccl", "gloo"),
+    "finetune.freeze": ("none", "backbone"),
+}
+
+
+# ----------------------------------------------------------------------------------------------- conversion
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any, default: Any) -> Any:
+    """Convert a YAML/CLI value to the field's type, or raise ConfigError naming the key."""
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str, float)):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            number = float(value) if isinstance(value, str) else value
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if float(number) != int(number):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(number)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return "" if value is None else str(value)
+    if tp is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.strip("[]() ").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        element = type(default[0]) if default else float
+        return tuple(_coerce(key, v, element, None) for v in value)
+    if tp is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip() else {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(f"{key}.{k}", v, float, None) for k, v in value.items()}
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{dotted}'; valid keys here: {', '.join(names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{dotted}: expected a section (mapping), got {value!r}")
+            kwargs[key] = _build(tp, value, dotted + ".")
+        else:
+            default = next(f for f in dataclasses.fields(cls) if f.name == key)
+            default_value = default.default if default.default is not dataclasses.MISSING else default.default_factory()
+            kwargs[key] = _coerce(dotted, value, tp, default_value)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split a `key.sub=value` override; the value is parsed as YAML (so 0.1, true, [1, 2] work)."""
+    if "=" not in text or text.startswith("="):
+        raise ConfigError(f"override '{text}' is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict (lists for tuples) of a config, suitable for YAML and checkpoints."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            value = to_dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        elif isinstance(value, dict):
+            value = dict(value)
+        out[f.name] = value
+    return out
+
+
+def from_dict(tree: dict) -> Config:
+    """Build and validate a Config from a nested dict (as written to config.yaml or a checkpoint)."""
+    cfg = _build(Config, tree)
+    validate(cfg)
+    return cfg
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """Read a YAML recipe (optional), apply dotted overrides, and return a validated Config."""
+    tree: dict = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    return from_dict(tree)
+
+
+def replace(cfg: Config, **sections: dict) -> Config:
+    """Return a copy of cfg with keys of some sections replaced, e.g. replace(cfg, train={'epochs': 3})."""
+    tree = to_dict(cfg)
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            tree[section].update(values)
+        else:
+            tree[section] = values
+    return from_dict(tree)
+
+
+def save_yaml(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------------------------- validation
+def _check_choice(key: str, value: str) -> None:
+    choices = CHOICES[key]
+    if value not in choices:
+        raise ConfigError(f"{key}: unknown value '{value}'; valid choices: {', '.join(choices)}")
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Check every value that can be checked without touching data or devices; raise ConfigError."""
+    for key in CHOICES:
+        section, name = key.split(".")
+        _check_choice(key, getattr(getattr(cfg, section), name))
+    from ddp_resnet.models import list_models
+
+    if cfg.model.name not in list_models():
+        raise ConfigError(f"model.name: unknown model '{cfg.model.name}'; valid choices: {', '.join(list_models())}")
+    d, o, t = cfg.data, cfg.optim, cfg.train
+    _positive("data.batch_size", d.batch_size)
+    _positive("data.eval_batch_size", d.eval_batch_size, allow_zero=True)
+    _positive("data.workers", d.workers, allow_zero=True)
+    _positive("data.image_size", d.image_size, allow_zero=True)
+    _positive("data.crop_padding", d.crop_padding, allow_zero=True)
+    _positive("data.mixup_alpha", d.mixup_alpha, allow_zero=True)
+    _positive("data.cutmix_alpha", d.cutmix_alpha, allow_zero=True)
+    for key in ("synthetic_train_size", "synthetic_test_size", "synthetic_classes", "synthetic_image_size"):
+        _positive(f"data.{key}", getattr(d, key))
+    if d.synthetic_classes < 2:
+        raise ConfigError(f"data.synthetic_classes: need at least 2 classes, got {d.synthetic_classes}")
+    _positive("optim.lr", o.lr)
+    _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
+    _positive("optim.momentum", o.momentum, allow_zero=True)
+    _positive("optim.accum_steps", o.accum_steps)
+    _positive("optim.clip_grad_norm", o.clip_grad_norm, allow_zero=True)
+    _positive("optim.warmup_epochs", o.warmup_epochs, allow_zero=True)
+    if not 0 <= o.ema_decay < 1:
+        raise ConfigError(f"optim.ema_decay: must be in [0, 1), got {o.ema_decay}")
+    if o.schedule == "multistep" and not o.milestones:
+        raise ConfigError("optim.milestones: the multistep schedule needs at least one milestone")
+    if list(o.milestones) != sorted(o.milestones):
+        raise ConfigError(f"optim.milestones: must be increasing, got {list(o.milestones)}")
+    if len(o.betas) != 2:
+        raise ConfigError(f"optim.betas: expected two numbers, got {list(o.betas)}")
+    if not 0 <= t.label_smoothing < 1:
+        raise ConfigError(f"train.label_smoothing: must be in [0, 1), got {t.label_smoothing}")
+    if t.epochs <= 0 and t.max_steps <= 0:
+        raise ConfigError("train.epochs: must be > 0 (or set train.max_steps)")
+    _positive("train.max_steps", t.max_steps, allow_zero=True)
+    _positive("train.run_steps", t.run_steps, allow_zero=True)
+    _positive("train.eval_every", t.eval_every)
+    _positive("train.log_every", t.log_every)
+    _positive("ckpt.every_steps", cfg.ckpt.every_steps, allow_zero=True)
+    _positive("ckpt.keep", cfg.ckpt.keep, allow_zero=True)
+    _positive("dist.timeout_s", cfg.dist.timeout_s)
+    if cfg.train.device == "cpu" and cfg.dist.backend == "nccl":
+        raise ConfigError("dist.backend: nccl needs CUDA; use gloo (or auto) with train.device=cpu")
+    if cfg.train.amp == "fp16" and cfg.train.device == "cpu":
+        raise ConfigError("train.amp: fp16 needs CUDA; valid choices on CPU: none, bf16")
+    if world_size is not None:
+        validate_world(cfg, world_size)
+
+
+def validate_world(cfg: Config, world_size: int) -> None:
+    """Checks that depend on the number of processes."""
+    per_step = world_size * cfg.optim.accum_steps
+    if cfg.data.batch_size % per_step:
+        raise ConfigError(
+            f"data.batch_size: global batch {cfg.data.batch_size} is not divisible by world size {world_size}"
+            f" x optim.accum_steps {cfg.optim.accum_steps}"
+        )
+    eval_batch = cfg.data.eval_batch_size or 2 * cfg.data.batch_size
+    if eval_batch < world_size:
+        raise ConfigError(f"data.eval_batch_size: {eval_batch} is smaller than world size {world_size}")

@@ -1,0 +1,193 @@
+"""The process environment: the ONLY reader of RANK / LOCAL_RANK / WORLD_SIZE / SLURM_* variables.
+
+``read_env()`` turns torchrun's variables, srun's SLURM_* variables, or nothing (a plain ``python -m`` run)
+into a ``LaunchInfo``; ``init(cfg)`` pins the device and creates the process group when there is more than
+one process, returning a ``DistEnv`` that the rest of the code is given.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ddp_resnet.config import ConfigError
+
+
+@dataclass(frozen=True)
+class LaunchInfo:
+    """How this process was started: rank, world size, local rank, and the rendezvous address."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    launcher: str = "single"  # single | torchrun | slurm
+    master_addr: str = ""
+    master_port: int = 0
+    node_id: int = 0
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """The initialised environment that trainers, loaders and checkpoints are given."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str  # "" when no process group exists
+    launcher: str
+
+    @property
+    def is_main(self) -> bool:
+        """True on the one rank that prints and writes."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """True when a process group exists (world size > 1)."""
+        return self.world_size > 1
+
+
+def expand_hostlist(nodelist: str) -> list[str]:
+    """Expand a SLURM node list such as ``gpu[01-03,07],login1`` into host names."""
+    hosts: list[str] = []
+    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", nodelist):
+        match = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", part)
+        if not match:
+            hosts.append(part)
+            continue
+        prefix, ranges, suffix = match.groups()
+        for item in ranges.split(","):
+            if "-" in item:
+                lo, hi = item.split("-")
+                hosts.extend(f"{prefix}{str(i).zfill(len(lo))}{suffix}" for i in range(int(lo), int(hi) + 1))
+            else:
+                hosts.append(f"{prefix}{item}{suffix}")
+    return hosts
+
+
+def _first_host(nodelist: str) -> str:
+    if shutil.which("scontrol"):
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                                 timeout=20, check=True).stdout.split()
+            if out:
+                return out[0]
+        except (subprocess.SubprocessError, OSError):
+            pass
+    return expand_hostlist(nodelist)[0]
+
+
+def slurm_port(job_id: str) -> int:
+    """A rendezvous port derived from the job id, so concurrent jobs on one node do not collide."""
+    digits = re.sub(r"\D", "", job_id or "")
+    return 15000 + int(digits[-5:] or 0) % 20000
+
+
+def read_env(environ: dict | None = None) -> LaunchInfo:
+    """Read the launcher's variables (torchrun first, then srun); a plain process is rank 0 of 1."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchInfo(
+            rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]), local_rank=int(env.get("LOCAL_RANK", 0)),
+            local_world_size=int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])), launcher="torchrun",
+            master_addr=env.get("MASTER_ADDR", ""), master_port=int(env.get("MASTER_PORT", 0) or 0),
+            node_id=int(env.get("GROUP_RANK", 0) or 0),
+        )
+    # srun sets SLURM_STEP_NUM_TASKS for the tasks it starts; a batch script's own shell has no step tasks.
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
+        world = int(env["SLURM_STEP_NUM_TASKS"])
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "localhost")
+        tasks_per_node = env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_NTASKS_PER_NODE", str(world)))
+        local_world = int(re.match(r"\d+", tasks_per_node).group()) if re.match(r"\d+", tasks_per_node) else world
+        return LaunchInfo(
+            rank=int(env["SLURM_PROCID"]), world_size=world, local_rank=int(env.get("SLURM_LOCALID", 0)),
+            local_world_size=local_world, launcher="slurm",
+            master_addr=env.get("MASTER_ADDR") or _first_host(nodelist),
+            master_port=int(env.get("MASTER_PORT") or slurm_port(env.get("SLURM_JOB_ID", ""))),
+            node_id=int(env.get("SLURM_NODEID", 0)),
+        )
+    return LaunchInfo()
+
+
+def resolve_device(requested: str, local_rank: int) -> torch.device:
+    """The device this rank pins: cuda:LOCAL_RANK when CUDA is requested or available, else CPU."""
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("train.device: cuda requested but CUDA is not available; valid choices here: auto, cpu")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise ConfigError(f"local rank {local_rank} has no GPU: this node has {count} (one process per GPU)")
+    return torch.device("cuda", local_rank)
+
+
+def resolve_backend(requested: str, device: torch.device) -> str:
+    """NCCL for CUDA devices, gloo for CPU, unless the config names one."""
+    if requested != "auto":
+        return requested
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init(device: str = "auto", backend: str = "auto", timeout_s: int = 300, launch: LaunchInfo | None = None) -> DistEnv:
+    """Pin this rank's device and, for more than one process, create the process group."""
+    launch = launch or read_env()
+    dev = resolve_device(device, launch.local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if launch.world_size == 1:
+        return DistEnv(0, 1, 0, dev, "", launch.launcher)
+    chosen = resolve_backend(backend, dev)
+    if launch.launcher == "slurm":
+        os.environ["MASTER_ADDR"] = launch.master_addr
+        os.environ["MASTER_PORT"] = str(launch.master_port)
+    kwargs = {}
+    if chosen == "nccl":
+        kwargs["device_id"] = dev
+    dist.init_process_group(chosen, init_method="env://", rank=launch.rank, world_size=launch.world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    return DistEnv(launch.rank, launch.world_size, launch.local_rank, dev, chosen, launch.launcher)
+
+
+def cleanup() -> None:
+    """Destroy the process group if one exists."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks in place (no-op without a process group) and return it."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when the flag is true on at least one (a collective: call on all ranks)."""
+    tensor = torch.tensor([1.0 if flag else 0.0], device=device)
+    return bool(all_reduce_sum(tensor).item() > 0)
+
+
+def barrier(env: DistEnv) -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if env.distributed:
+        if env.backend == "nccl":
+            dist.barrier(device_ids=[env.device.index])
+        else:
+            dist.barrier()
+
+
+def broadcast_object(obj, env: DistEnv, src: int = 0):
+    """Send a picklable object from rank `src` to every rank."""
+    if not env.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=env.device if env.backend == "nccl" else None)
+    return box[0]

@@ -1,0 +1,103 @@
+"""Optimizer, per-iteration learning-rate schedule, and a weight EMA."""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from ddp_resnet.config import Config, OptimConfig
+
+
+def peak_lr(cfg: Config) -> float:
+    """The configured learning rate, scaled linearly by global batch / reference batch when asked."""
+    lr = cfg.optim.lr
+    if cfg.optim.lr_scale_ref_batch:
+        lr *= cfg.data.batch_size / cfg.optim.lr_scale_ref_batch
+    return lr
+
+
+def param_groups(model: nn.Module, ocfg: OptimConfig, lr: float, stage_lr: dict | None = None) -> list[dict]:
+    """Parameter groups: optional no-decay group for BN/bias, optional per-stage learning rates."""
+    stage_lr = stage_lr or {}
+    groups: dict[tuple, dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        stage = next((s for s in stage_lr if name == s or name.startswith(s + ".")), None)
+        group_lr = stage_lr[stage] if stage else lr
+        no_decay = ocfg.no_wd_bn_bias and param.ndim <= 1
+        key = (group_lr, no_decay)
+        group = groups.setdefault(key, {"params": [], "lr": group_lr,
+                                        "weight_decay": 0.0 if no_decay else ocfg.weight_decay})
+        group["params"].append(param)
+    return list(groups.values())
+
+
+def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    """SGD (optionally Nesterov) or AdamW over the model's trainable parameters."""
+    ocfg = cfg.optim
+    groups = param_groups(model, ocfg, peak_lr(cfg), dict(cfg.finetune.stage_lr))
+    if not groups:
+        raise ValueError("no trainable parameters (is everything frozen?)")
+    fused = ocfg.fused == "true" or (ocfg.fused == "auto" and device.type == "cuda")
+    kernel = {"fused": True} if fused else {"foreach": True}
+    if ocfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=peak_lr(cfg), momentum=ocfg.momentum, nesterov=ocfg.nesterov,
+                               weight_decay=ocfg.weight_decay, **kernel)
+    return torch.optim.AdamW(groups, lr=peak_lr(cfg), betas=tuple(ocfg.betas), weight_decay=ocfg.weight_decay,
+                             **kernel)
+
+
+def lr_factor(step: int, ocfg: OptimConfig, total_steps: int, steps_per_epoch: int) -> float:
+    """Multiplier of the peak LR at optimizer step `step` (0-based): warmup, then the schedule."""
+    warmup = int(round(ocfg.warmup_epochs * steps_per_epoch))
+    if ocfg.schedule == "onecycle" and warmup == 0:
+        warmup = max(1, int(0.3 * total_steps))
+    if step < warmup:
+        return ocfg.warmup_start_factor + (1 - ocfg.warmup_start_factor) * step / warmup
+    if ocfg.schedule == "constant":
+        return 1.0
+    if ocfg.schedule == "multistep":
+        scale = steps_per_epoch if ocfg.milestones_unit == "epoch" else 1
+        passed = sum(1 for m in ocfg.milestones if step >= round(m * scale))
+        return ocfg.gamma ** passed
+    # cosine and one-cycle anneal from the peak down to min_lr (one-cycle: after its 30% ramp)
+    span = max(1, total_steps - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    floor = ocfg.min_lr / ocfg.lr if ocfg.lr else 0.0
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, ocfg: OptimConfig, total_steps: int,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR stepped once per optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, ocfg, total_steps, steps_per_epoch))
+
+
+class ModelEma:
+    """Exponential moving average of a model's parameters (buffers are copied)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """ema = decay * ema + (1 - decay) * current; buffers follow the current model."""
+        ema_params = list(self.module.parameters())
+        torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1 - self.decay)
+        for ema_buf, buf in zip(self.module.buffers(), model.buffers()):
+            ema_buf.copy_(buf)
+
+    def state_dict(self) -> dict:
+        """The averaged weights."""
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore averaged weights."""
+        self.module.load_state_dict(state)

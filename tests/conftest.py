@@ -1,0 +1,78 @@
+"""Shared helpers: run the trainer as a real process (single, or under torchrun), read its outputs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A run small enough for a few seconds on 2 CPU cores: ResNet-20 on 16 px synthetic images.
+TINY = [
+    "model.name=resnet20", "data.dataset=synthetic", "data.synthetic_train_size=128",
+    "data.synthetic_test_size=64", "data.synthetic_image_size=16", "data.batch_size=32", "data.workers=0",
+    "train.epochs=2", "train.device=cpu", "dist.backend=gloo", "train.log_every=1000", "dist.timeout_s=60",
+]
+
+
+def child_env(extra: dict | None = None) -> dict:
+    """Environment for a child run: one thread per process, no inherited launcher variables."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+           and not k.startswith("SLURM_")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra or {})
+    return env
+
+
+def train_cmd(nproc: int = 1, max_restarts: int = 0) -> list[str]:
+    """The command line that starts the trainer on nproc CPU processes."""
+    if nproc == 1:
+        return [sys.executable, "-m", "ddp_resnet.train"]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            f"--max-restarts={max_restarts}", "-m", "ddp_resnet.train"]
+
+
+def run_train(out: Path, *overrides: str, nproc: int = 1, config: str | None = None, env: dict | None = None,
+              timeout: float = 300, max_restarts: int = 0, tiny: bool = True) -> subprocess.CompletedProcess:
+    """Run a training job to completion and return the finished process (stdout/stderr captured)."""
+    args = train_cmd(nproc, max_restarts)
+    if config:
+        args += ["--config", str(REPO / config)]
+    args += (TINY if tiny else []) + [f"output_dir={out}", *overrides]
+    return subprocess.run(args, cwd=REPO, env=child_env(env), capture_output=True, text=True, timeout=timeout)
+
+
+def metrics(out: Path) -> list[dict]:
+    """The run's metrics.jsonl records."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def weights(path: Path) -> dict:
+    """The model state_dict of a checkpoint."""
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    """Every tensor of two state_dicts identical, bit for bit."""
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def ok(proc: subprocess.CompletedProcess, code: int = 0) -> subprocess.CompletedProcess:
+    """Assert the exit code, showing the process output when it differs."""
+    assert proc.returncode == code, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}"
+    return proc
+
+
+@pytest.fixture
+def tiny() -> list[str]:
+    """The tiny run's overrides."""
+    return list(TINY)

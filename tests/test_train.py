@@ -1,0 +1,88 @@
+"""The trainer end to end: single process, torchrun with 2 gloo processes, equivalence, exact evaluation."""
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, child_env, metrics, ok, run_train, train_cmd, weights
+
+
+def test_single_process_cpu_smoke_runs_end_to_end(tmp_path):
+    out = tmp_path / "smoke"
+    proc = ok(run_train(out, "train.epochs=2", "data.synthetic_train_size=512", config="configs/cpu_smoke.yaml",
+                        tiny=False))
+    records = metrics(out)
+    assert [r["epoch"] for r in records] == [0, 1]
+    for key in ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_time_s", "img_per_s"):
+        assert key in records[-1]
+    assert records[-1]["test_count"] == 512
+    assert (out / "checkpoints" / "last.pt").is_file() and (out / "checkpoints" / "best.pt").is_file()
+    assert yaml.safe_load((out / "config.yaml").read_text())["output_dir"] == str(out)
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    assert "ETA" in proc.stdout and "img/s" in proc.stdout
+
+
+def test_torchrun_two_processes_runs_cpu_smoke_and_only_rank0_prints(tmp_path):
+    out = tmp_path / "smoke2"
+    proc = ok(run_train(out, "train.epochs=1", "data.synthetic_train_size=512", config="configs/cpu_smoke.yaml",
+                        tiny=False, nproc=2))
+    assert "world 2 (torchrun, gloo" in proc.stdout
+    assert proc.stdout.count("epoch 1/1") == 1
+    assert metrics(out)[-1]["test_count"] == 512
+
+
+def test_cpu_smoke_learns(tmp_path):
+    out = tmp_path / "learn"
+    ok(run_train(out, "train.epochs=3", config="configs/cpu_smoke.yaml", tiny=False))
+    records = metrics(out)
+    assert records[-1]["test_acc"] > 50.0 > 100 / 10 * 2, records
+
+
+def test_two_processes_match_one_process_and_count_every_test_sample_once(tmp_path):
+    """Same global batch and samples: 2 ranks (synchronized BN) end with 1 rank's weights; 101 test samples."""
+    common = ["train.sync_bn=true", "data.synthetic_test_size=101", "data.eval_batch_size=16",
+              "data.augment=crop_flip", "train.epochs=2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    ok(run_train(one, *common, nproc=1))
+    ok(run_train(two, *common, nproc=2))
+    w1, w2 = weights(one / "checkpoints/last.pt"), weights(two / "checkpoints/last.pt")
+    for key in w1:
+        if w1[key].is_floating_point():
+            torch.testing.assert_close(w1[key], w2[key], rtol=1e-4, atol=2e-5, msg=key)
+    m1, m2 = metrics(one)[-1], metrics(two)[-1]
+    assert m1["test_count"] == m2["test_count"] == 101
+    assert m1["test_acc"] == pytest.approx(m2["test_acc"], abs=1e-9) or abs(m1["test_acc"] - m2["test_acc"]) <= 100 / 101
+    assert m1["train_loss"] == pytest.approx(m2["train_loss"], rel=1e-4)
+
+
+def test_gradient_accumulation_under_ddp_keeps_the_step_count(tmp_path):
+    out = tmp_path / "accum"
+    ok(run_train(out, "train.epochs=1", "optim.accum_steps=2", nproc=2))
+    assert metrics(out)[-1]["step"] == 4  # 128 images / global batch 32, each step = 2 micro-batches of 8 per rank
+
+
+def test_failing_rank_ends_the_job_quickly_with_nonzero_exit(tmp_path):
+    start = time.time()
+    proc = run_train(tmp_path / "fail", "train.epochs=3", "dist.timeout_s=30", nproc=2,
+                     env={"DDP_RESNET_TEST_FAIL_AT": "1:2"}, timeout=120)
+    elapsed = time.time() - start
+    assert proc.returncode != 0
+    assert "injected failure on rank 1 at step 2" in proc.stderr
+    assert elapsed < 30 + 25, elapsed
+
+
+def test_two_jobs_at_once_on_one_host_do_not_collide(tmp_path):
+    procs = []
+    for name in ("a", "b"):
+        args = train_cmd(2) + ["--config", str(REPO / "configs/cpu_smoke.yaml"), f"output_dir={tmp_path / name}",
+                               "train.epochs=1", "data.synthetic_train_size=256", "data.synthetic_test_size=64"]
+        procs.append(subprocess.Popen(args, cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-3000:]
+    assert metrics(tmp_path / "a")[-1]["test_count"] == metrics(tmp_path / "b")[-1]["test_count"] == 64
