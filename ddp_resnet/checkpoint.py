@@ -80,7 +80,7 @@ def manifest(world_size: int) -> dict:
     """Where and with what a checkpoint was written."""
     if not _COMMIT:
         _COMMIT.append(_git_commit())
-    return {"package_version": ddp_resnet.__version__, "torch_version": torch.__version__,
+    return {"package_version": ddp_resnet.__version__, "torch_version": str(torch.__version__),
             "world_size": world_size, "git_commit": _COMMIT[0], "hostname": socket.gethostname(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "unix_time": time.time()}
 

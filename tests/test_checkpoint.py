@@ -114,7 +114,7 @@ def test_checkpoint_of_another_model_is_refused_with_the_reason(tmp_path):
 
 
 def test_resume_on_a_different_world_size_keeps_batch_and_schedule(tmp_path):
-    common = ["train.sync_bn=true", "train.epochs=2"]
+    common = ["train.sync_bn=true", "train.epochs=2", "optim.lr=0.02"]
     full, moved = tmp_path / "full", tmp_path / "moved"
     ok(run_train(full, *common, nproc=1))
     ok(run_train(moved, *common, "train.run_steps=3", nproc=1))
@@ -123,7 +123,7 @@ def test_resume_on_a_different_world_size_keeps_batch_and_schedule(tmp_path):
     a, b = weights(full / "checkpoints/last.pt"), weights(moved / "checkpoints/last.pt")
     for key in a:
         if a[key].is_floating_point():
-            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=2e-5)
+            torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=5e-5)
 
 
 def test_export_writes_plain_weights_for_ours_and_torchvision(tmp_path):

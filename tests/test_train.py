@@ -45,17 +45,18 @@ def test_cpu_smoke_learns(tmp_path):
 def test_two_processes_match_one_process_and_count_every_test_sample_once(tmp_path):
     """Same global batch and samples: 2 ranks (synchronized BN) end with 1 rank's weights; 101 test samples."""
     common = ["train.sync_bn=true", "data.synthetic_test_size=101", "data.eval_batch_size=16",
-              "data.augment=crop_flip", "train.epochs=2"]
+              "data.augment=crop_flip", "train.epochs=2", "optim.lr=0.02"]  # small lr: rounding is not amplified
     one, two = tmp_path / "one", tmp_path / "two"
     ok(run_train(one, *common, nproc=1))
     ok(run_train(two, *common, nproc=2))
     w1, w2 = weights(one / "checkpoints/last.pt"), weights(two / "checkpoints/last.pt")
     for key in w1:
         if w1[key].is_floating_point():
-            torch.testing.assert_close(w1[key], w2[key], rtol=1e-4, atol=2e-5, msg=key)
+            torch.testing.assert_close(w1[key], w2[key], rtol=1e-3, atol=5e-5, msg=key)
     m1, m2 = metrics(one)[-1], metrics(two)[-1]
     assert m1["test_count"] == m2["test_count"] == 101
-    assert m1["test_acc"] == pytest.approx(m2["test_acc"], abs=1e-9) or abs(m1["test_acc"] - m2["test_acc"]) <= 100 / 101
+    assert m1["test_acc"] == pytest.approx(m2["test_acc"])
+    assert m1["test_loss"] == pytest.approx(m2["test_loss"], rel=1e-4)
     assert m1["train_loss"] == pytest.approx(m2["train_loss"], rel=1e-4)
 
 

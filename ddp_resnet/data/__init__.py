@@ -1,0 +1,47 @@
+"""Data: dataset description, per-rank train/eval loaders (DataLoader or device-resident), mixup/cutmix.
+
+The package is given rank and world size explicitly; it never initialises process groups, never touches the
+model and never reads environment variables.
+"""
+
+from ddp_resnet.data.gpu_loader import GPUTrainLoader
+from ddp_resnet.data.loaders import (
+    DataInfo,
+    DataLoaderTrainLoader,
+    build_eval_loader,
+    build_train_loader,
+    describe,
+    resolve_loader,
+    shard_range,
+)
+from ddp_resnet.data.mix import mix_batch
+from ddp_resnet.data.transforms import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SYNTHETIC_MEAN,
+    SYNTHETIC_STD,
+)
+
+__all__ = [
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "CIFAR100_MEAN",
+    "CIFAR100_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "SYNTHETIC_MEAN",
+    "SYNTHETIC_STD",
+    "DataInfo",
+    "DataLoaderTrainLoader",
+    "GPUTrainLoader",
+    "build_eval_loader",
+    "build_train_loader",
+    "describe",
+    "mix_batch",
+    "resolve_loader",
+    "shard_range",
+]

@@ -1,0 +1,67 @@
+"""ImageFolder layout: ``root/train/<class>/<image>`` and ``root/val/<class>/...`` (or ``root/test``).
+
+Class names are the sorted sub-folder names of ``train/``; the evaluation split is labelled with the train
+split's class indices (a class missing from it is simply absent). Scans are cached per folder.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+from PIL import Image
+
+from ddp_resnet.config import ConfigError
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def split_dirs(root: str | os.PathLike) -> tuple[Path, Path]:
+    """``(train_dir, eval_dir)``; raises ``ConfigError`` when the layout is missing."""
+    root = Path(root)
+    train = root / "train"
+    evals = [root / name for name in ("val", "test") if (root / name).is_dir()]
+    if not train.is_dir() or not evals:
+        raise ConfigError(f"data.root: no ImageFolder data at {root} (need {root}/train and {root}/val or {root}/test)")
+    return train, evals[0]
+
+
+def _class_names(train_dir: Path) -> list[str]:
+    return sorted(entry.name for entry in os.scandir(train_dir) if entry.is_dir() and not entry.name.startswith("."))
+
+
+def _scan(split_dir: Path, classes: list[str]) -> list[tuple[str, int]]:
+    samples = []
+    for label, cls in enumerate(classes):
+        folder = split_dir / cls
+        if not folder.is_dir():
+            continue
+        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+            dirnames.sort()
+            for fname in sorted(filenames):
+                if fname.lower().endswith(IMG_EXTENSIONS):
+                    samples.append((os.path.join(dirpath, fname), label))
+    return samples
+
+
+@functools.lru_cache(maxsize=4)
+def scan_imagefolder(root: str) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, int]]]:
+    """``(class_names, train_samples, eval_samples)`` with samples as ``(path, label)``; cached per root."""
+    train_dir, eval_dir = split_dirs(root)
+    classes = _class_names(train_dir)
+    if not classes:
+        raise ConfigError(f"data.root: {train_dir} has no class sub-folders")
+    train, evals = _scan(train_dir, classes), _scan(eval_dir, classes)
+    if not train:
+        raise ConfigError(f"data.root: no images ({', '.join(IMG_EXTENSIONS)}) under {train_dir}")
+    if not evals:
+        raise ConfigError(f"data.root: no images under {eval_dir} in the train split's class folders")
+    return classes, train, evals
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open an image file as RGB."""
+    with open(path, "rb") as fh:
+        img = Image.open(fh)
+        return img.convert("RGB")

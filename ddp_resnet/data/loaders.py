@@ -1,0 +1,494 @@
+"""Dataset description and the train/eval loaders the trainer uses.
+
+Two training loaders share one contract (``len``, ``set_epoch(epoch, start_batch)``, iteration yielding
+normalized float32 images and int64 labels on the device):
+
+* ``DataLoaderTrainLoader``: ``torch.utils.data.DataLoader`` over a ``DistributedSampler`` (shuffle, drop_last,
+  ``seed``) whose indices are batched per rank in the main process; ``start_batch`` skips whole batches of
+  indices, so nothing skipped is ever loaded. Each item is requested as ``(index, epoch)`` and its augmentation is
+  a pure function of ``(seed, epoch, index)``: results do not depend on the number of workers, their timing, or
+  on resuming mid-epoch. Workers return uint8; conversion/normalization happens on the device.
+* ``GPUTrainLoader`` (``gpu_loader.py``): device-resident uint8 data, batched gather-based augmentation. For
+  cifar/synthetic with augment none/flip/crop_flip it yields bit-identical batches to the DataLoader path.
+
+In both, the union over ranks of their batch ``i`` is the single-process batch ``i`` of the same global size.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from ddp_resnet.config import ConfigError, DataConfig
+from ddp_resnet.data import cifar, imagefolder, synthetic
+from ddp_resnet.data.gpu_loader import GPUTrainLoader
+from ddp_resnet.data.transforms import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SYNTHETIC_MEAN,
+    SYNTHETIC_STD,
+    Normalizer,
+    crop_flip_one,
+    crop_flip_params_one,
+    hwc_to_chw_tensor,
+    resize_uint8,
+    rrc_params,
+    sample_rng,
+)
+
+TENSOR_DATASETS = ("cifar10", "cifar100", "synthetic")
+GPU_AUGMENTS = ("none", "flip", "crop_flip")
+_STATS = {
+    "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
+    "cifar100": (CIFAR100_MEAN, CIFAR100_STD),
+    "imagefolder": (IMAGENET_MEAN, IMAGENET_STD),
+    "synthetic": (SYNTHETIC_MEAN, SYNTHETIC_STD),
+}
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What the trainer needs to know about a dataset, before any loader exists.
+
+    In-memory datasets (cifar, synthetic) whose native side differs from ``image_size`` are resized once
+    (bilinear, antialiased) when a loader is built; train and eval images then both have side ``image_size``.
+    """
+
+    num_classes: int
+    class_names: list[str] = field(repr=False)
+    image_size: int  # training crop side (evaluation images have the same side)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    train_size: int
+    test_size: int
+    augment: str  # resolved: none | flip | crop_flip | rrc_flip
+
+
+# ------------------------------------------------------------------------------------------ raw data (cached)
+@dataclass(frozen=True)
+class _TensorData:
+    """A whole in-memory dataset: uint8 NHWC images and int64 labels (CPU tensors)."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    class_names: list[str]
+
+
+def _cifar_key(root: str, name: str) -> tuple:
+    spec = cifar.SPECS[name]
+    folder = cifar.cifar_dir(root, name)
+    stamps = tuple(os.stat(folder / f).st_mtime_ns for f in (*spec.train_files, *spec.test_files, spec.meta_file))
+    return (name, str(Path(root).resolve()), stamps)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_tensor_data(key: tuple) -> _TensorData:
+    """Read (cifar) or generate (synthetic) a dataset; ``key`` comes from ``_tensor_key``."""
+    if key[0] == "synthetic":
+        _, n_train, n_test, n_classes, size = key
+        tx, ty, vx, vy = synthetic.make_synthetic(n_train, n_test, n_classes, size)
+        names = [f"class_{i}" for i in range(n_classes)]
+    else:
+        name, root, _ = key
+        tx, ty = cifar.read_cifar_split(root, name, train=True)
+        vx, vy = cifar.read_cifar_split(root, name, train=False)
+        names = cifar.read_class_names(root, name)
+    return _TensorData(*(torch.from_numpy(a) for a in (tx, ty, vx, vy)), names)
+
+
+@functools.lru_cache(maxsize=2)
+def _resized(key: tuple, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    data = _load_tensor_data(key)
+    return resize_uint8(data.train_images, size), resize_uint8(data.test_images, size)
+
+
+def _tensor_key(cfg: DataConfig) -> tuple:
+    if cfg.dataset == "synthetic":
+        return (
+            "synthetic",
+            cfg.synthetic_train_size,
+            cfg.synthetic_test_size,
+            cfg.synthetic_classes,
+            cfg.synthetic_image_size,
+        )
+    return _cifar_key(cfg.root, cfg.dataset)
+
+
+def _tensor_split(cfg: DataConfig, info: DataInfo, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images uint8 NHWC at info.image_size, labels)`` of one split, on the CPU."""
+    key = _tensor_key(cfg)
+    data = _load_tensor_data(key)
+    train_images, test_images = _resized(key, info.image_size)
+    return (train_images, data.train_labels) if train else (test_images, data.test_labels)
+
+
+# ------------------------------------------------------------------------------------------ describe
+def _resolve_augment(cfg: DataConfig) -> str:
+    if cfg.augment != "auto":
+        return cfg.augment
+    return "crop_flip" if cfg.dataset in TENSOR_DATASETS else "rrc_flip"
+
+
+def describe(data_cfg: DataConfig) -> DataInfo:
+    """Validate that the data exists (downloading CIFAR if asked) and describe it; raises ``ConfigError``."""
+    cfg = data_cfg
+    augment = _resolve_augment(cfg)
+    if cfg.loader == "gpu" and cfg.dataset not in TENSOR_DATASETS:
+        raise ConfigError(
+            f"data.loader: gpu (device-resident) supports {', '.join(TENSOR_DATASETS)}, not {cfg.dataset};"
+            " use dataloader or auto"
+        )
+    if cfg.loader == "gpu" and augment not in GPU_AUGMENTS:
+        raise ConfigError(
+            f"data.augment: {augment} is not available with data.loader=gpu; valid choices: {', '.join(GPU_AUGMENTS)}"
+        )
+    mean, std = _STATS[cfg.dataset]
+    if cfg.dataset == "imagefolder":
+        names, train, evals = imagefolder.scan_imagefolder(str(Path(cfg.root).resolve()))
+        return DataInfo(len(names), list(names), cfg.image_size or 224, mean, std, len(train), len(evals), augment)
+    if cfg.dataset in cifar.SPECS:
+        cifar.ensure_cifar(cfg.root, cfg.dataset, cfg.download)
+        default_size = 32
+    else:
+        default_size = cfg.synthetic_image_size
+    data = _load_tensor_data(_tensor_key(cfg))
+    return DataInfo(
+        num_classes=len(data.class_names),
+        class_names=list(data.class_names),
+        image_size=cfg.image_size or default_size,
+        mean=mean,
+        std=std,
+        train_size=int(data.train_images.shape[0]),
+        test_size=int(data.test_images.shape[0]),
+        augment=augment,
+    )
+
+
+def resolve_loader(data_cfg: DataConfig, info: DataInfo, device: torch.device | str) -> str:
+    """``gpu`` or ``dataloader``: what ``data.loader`` (``auto`` included) means for this dataset and device."""
+    if data_cfg.loader != "auto":
+        return data_cfg.loader
+    gpu_ok = data_cfg.dataset in TENSOR_DATASETS and info.augment in GPU_AUGMENTS
+    return "gpu" if gpu_ok and torch.device(device).type == "cuda" else "dataloader"
+
+
+# ------------------------------------------------------------------------------------------ datasets (workers)
+class _TensorTrainDataset(Dataset):
+    """Items ``(index, epoch)`` -> ``(uint8 C x S x S, label)`` with augmentation keyed by (seed, epoch, index)."""
+
+    def __init__(self, images_nhwc: torch.Tensor, labels: torch.Tensor, augment: str, padding: int, seed: int):
+        self.images, self.labels = images_nhwc, labels
+        self.augment, self.seed = augment, seed
+        self.padding = padding if augment == "crop_flip" else 0
+        self.size = images_nhwc.shape[1]
+        self._arrays: tuple[np.ndarray, np.ndarray] | None = None
+
+    def __getstate__(self) -> dict:  # spawn/forkserver workers: ship the tensors (shared memory), not numpy views
+        return {**self.__dict__, "_arrays": None}
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, epoch = item
+        if self._arrays is None:  # numpy views: per-sample slicing without torch's per-op overhead
+            self._arrays = (self.images.numpy(), self.labels.numpy())
+        images, labels = self._arrays
+        label = int(labels[index])
+        if self.augment == "rrc_flip":
+            rng = sample_rng(self.seed, epoch, index)
+            top, left, h, w = rrc_params(self.size, self.size, rng)
+            image = self.images[index].permute(2, 0, 1)
+            image = TF.resized_crop(image, top, left, h, w, [self.size, self.size], antialias=True)
+            return (image.flip(-1) if rng.random() < 0.5 else image).contiguous(), label
+        if self.augment == "none":
+            return hwc_to_chw_tensor(images[index]), label
+        dy, dx, flip = crop_flip_params_one(self.seed, epoch, index, 2 * self.padding)
+        return hwc_to_chw_tensor(crop_flip_one(images[index], dy, dx, flip, self.size, self.padding)), label
+
+
+class _FolderTrainDataset(Dataset):
+    """ImageFolder training items ``(index, epoch)`` -> ``(uint8 C x S x S, label)``.
+
+    ``rrc_flip``: RandomResizedCrop(scale 0.08-1) + flip; otherwise resize the shorter side to S, center-crop S,
+    then (``flip``/``crop_flip``) the same crop/flip as for in-memory datasets.
+    """
+
+    def __init__(self, samples: Sequence[tuple[str, int]], size: int, augment: str, padding: int, seed: int):
+        self.samples, self.size, self.augment, self.seed = samples, size, augment, seed
+        self.padding = padding if augment == "crop_flip" else 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, epoch = item
+        path, label = self.samples[index]
+        img = imagefolder.load_rgb(path)
+        if self.augment == "rrc_flip":
+            rng = sample_rng(self.seed, epoch, index)
+            top, left, h, w = rrc_params(img.width, img.height, rng)
+            img = TF.resized_crop(img, top, left, h, w, [self.size, self.size], antialias=True)
+            if rng.random() < 0.5:
+                img = TF.hflip(img)
+            return TF.pil_to_tensor(img), label
+        image = np.asarray(TF.center_crop(TF.resize(img, self.size, antialias=True), self.size))
+        if self.augment != "none":
+            dy, dx, flip = crop_flip_params_one(self.seed, epoch, index, 2 * self.padding)
+            image = crop_flip_one(image, dy, dx, flip, self.size, self.padding)
+        return hwc_to_chw_tensor(image), label
+
+
+class _FolderEvalDataset(Dataset):
+    """ImageFolder evaluation items: resize the shorter side to ``resize``, center-crop ``size``."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], size: int, resize: int):
+        self.samples, self.size, self.resize = samples, size, resize
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        img = TF.resize(imagefolder.load_rgb(path), self.resize, antialias=True)
+        return TF.pil_to_tensor(TF.center_crop(img, self.size)), label
+
+
+# ------------------------------------------------------------------------------------------ DataLoader path
+class EpochBatchSampler(Sampler):
+    """Batches a ``DistributedSampler``'s indices per rank (drop_last) as lists of ``(index, epoch)``.
+
+    ``set_epoch(epoch, start_batch)`` selects the epoch and skips the first ``start_batch`` batches of
+    indices (nothing is loaded for them); the skip applies to the next iteration only.
+    """
+
+    def __init__(self, sampler: DistributedSampler, batch_size: int) -> None:
+        self.sampler, self.batch_size = sampler, batch_size
+        self.num_batches = len(sampler) // batch_size
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, start, b = self.epoch, self.start_batch, self.batch_size
+        self.start_batch = 0
+        self.sampler.set_epoch(epoch)
+        indices = list(self.sampler)
+        return iter([[(i, epoch) for i in indices[k * b : (k + 1) * b]] for k in range(start, self.num_batches)])
+
+
+def _loader_kwargs(cfg: DataConfig, device: torch.device) -> dict:
+    kwargs: dict = {"num_workers": cfg.workers, "pin_memory": cfg.pin_memory and device.type == "cuda"}
+    if cfg.workers > 0:
+        kwargs.update(persistent_workers=cfg.persistent_workers, prefetch_factor=cfg.prefetch_factor)
+    return kwargs
+
+
+class DataLoaderTrainLoader:
+    """The DataLoader-based ``TrainLoader``; see the module docstring."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        cfg: DataConfig,
+        info: DataInfo,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        seed: int,
+        batch_size: int,
+        channels_last: bool = False,
+    ) -> None:
+        self.sampler = DistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
+        self.batch_sampler = EpochBatchSampler(self.sampler, batch_size)
+        kwargs = _loader_kwargs(cfg, device)
+        self.non_blocking = kwargs["pin_memory"]
+        self.loader = DataLoader(dataset, batch_sampler=self.batch_sampler, **kwargs)
+        self.device = device
+        self.normalize = Normalizer(info.mean, info.std, channels_last)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """The next iteration yields epoch ``epoch`` from batch ``start_batch`` on (which is then reset to 0)."""
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch {start_batch} outside [0, {len(self)}]")
+        self.batch_sampler.set_epoch(epoch, start_batch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        batches = iter(self.loader)  # captures epoch and start_batch now
+
+        def generate() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            for images, labels in batches:
+                images = images.to(self.device, non_blocking=self.non_blocking)
+                labels = labels.to(self.device, non_blocking=self.non_blocking)
+                yield self.normalize(images), labels
+
+        return generate()
+
+
+# ------------------------------------------------------------------------------------------ eval loaders
+def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Contiguous shard ``[start, end)`` of rank ``rank``: sizes differ by at most one, every index used once."""
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+class TensorEvalLoader:
+    """Evaluation batches sliced from in-memory uint8 data (on the device in gpu mode, else on the CPU)."""
+
+    def __init__(
+        self,
+        images_nhwc: torch.Tensor,
+        labels: torch.Tensor,
+        start: int,
+        end: int,
+        batch_size: int,
+        device: torch.device,
+        normalize: Normalizer,
+    ) -> None:
+        self.images, self.labels = images_nhwc[start:end], labels[start:end]
+        self.batch_size, self.device, self.normalize = batch_size, device, normalize
+        self.num_samples = end - start
+
+    def __len__(self) -> int:
+        return (self.num_samples + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for lo in range(0, self.num_samples, self.batch_size):
+            images = self.images[lo : lo + self.batch_size].to(self.device).permute(0, 3, 1, 2)
+            yield self.normalize(images), self.labels[lo : lo + self.batch_size].to(self.device)
+
+
+class DataLoaderEvalLoader:
+    """Evaluation through a ``DataLoader`` over this rank's contiguous shard (imagefolder)."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        start: int,
+        end: int,
+        batch_size: int,
+        cfg: DataConfig,
+        device: torch.device,
+        normalize: Normalizer,
+    ) -> None:
+        kwargs = _loader_kwargs(cfg, device)
+        self.non_blocking = kwargs["pin_memory"]
+        subset = torch.utils.data.Subset(dataset, range(start, end))
+        self.loader = DataLoader(subset, batch_size=batch_size, shuffle=False, drop_last=False, **kwargs)
+        self.device, self.normalize = device, normalize
+        self.num_samples = end - start
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in self.loader:
+            images = images.to(self.device, non_blocking=self.non_blocking)
+            yield self.normalize(images), labels.to(self.device, non_blocking=self.non_blocking)
+
+
+# ------------------------------------------------------------------------------------------ public builders
+def build_train_loader(
+    data_cfg: DataConfig,
+    info: DataInfo,
+    rank: int,
+    world_size: int,
+    device: torch.device | str,
+    seed: int,
+    micro_batch: int | None = None,
+    channels_last: bool = False,
+) -> GPUTrainLoader | DataLoaderTrainLoader:
+    """This rank's training loader (per-rank batch ``micro_batch``, default ``batch_size // world_size``)."""
+    cfg, device = data_cfg, torch.device(device)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside [0, {world_size})")
+    batch = micro_batch if micro_batch is not None else cfg.batch_size // world_size
+    if batch < 1:
+        raise ConfigError(f"data.batch_size: {cfg.batch_size} gives less than one sample per rank ({world_size} ranks)")
+    if info.train_size // (batch * world_size) < 1:
+        raise ConfigError(
+            f"data.batch_size: the per-step batch {batch * world_size} exceeds the {info.train_size} training samples"
+        )
+    mode = resolve_loader(cfg, info, device)
+    if mode == "gpu":
+        images, labels = _tensor_split(cfg, info, train=True)
+        return GPUTrainLoader(
+            images.to(device),
+            labels.to(device),
+            batch,
+            rank,
+            world_size,
+            seed,
+            info.augment,
+            cfg.crop_padding,
+            info.mean,
+            info.std,
+            channels_last,
+        )
+    if cfg.dataset == "imagefolder":
+        _, samples, _ = imagefolder.scan_imagefolder(str(Path(cfg.root).resolve()))
+        dataset: Dataset = _FolderTrainDataset(samples, info.image_size, info.augment, cfg.crop_padding, seed)
+    else:
+        images, labels = _tensor_split(cfg, info, train=True)
+        dataset = _TensorTrainDataset(images, labels, info.augment, cfg.crop_padding, seed)
+    return DataLoaderTrainLoader(dataset, cfg, info, rank, world_size, device, seed, batch, channels_last)
+
+
+def build_eval_loader(
+    data_cfg: DataConfig,
+    info: DataInfo,
+    rank: int,
+    world_size: int,
+    device: torch.device | str,
+    channels_last: bool = False,
+) -> TensorEvalLoader | DataLoaderEvalLoader:
+    """This rank's exact evaluation shard (every test sample on exactly one rank; ``.num_samples`` its count)."""
+    cfg, device = data_cfg, torch.device(device)
+    batch = max(1, (cfg.eval_batch_size or 2 * cfg.batch_size) // world_size)
+    start, end = shard_range(info.test_size, rank, world_size)
+    normalize = Normalizer(info.mean, info.std, channels_last)
+    if cfg.dataset == "imagefolder":
+        _, _, samples = imagefolder.scan_imagefolder(str(Path(cfg.root).resolve()))
+        resize = cfg.eval_resize or int(info.image_size * 8 / 7)
+        return DataLoaderEvalLoader(
+            _FolderEvalDataset(samples, info.image_size, resize), start, end, batch, cfg, device, normalize
+        )
+    images, labels = _tensor_split(cfg, info, train=False)
+    if resolve_loader(cfg, info, device) == "gpu":
+        images, labels = images[start:end].to(device), labels[start:end].to(device)
+        start, end = 0, end - start
+    return TensorEvalLoader(images, labels, start, end, batch, device, normalize)
+
+
+__all__ = [
+    "DataInfo",
+    "build_eval_loader",
+    "build_train_loader",
+    "describe",
+    "resolve_loader",
+    "shard_range",
+]

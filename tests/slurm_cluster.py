@@ -1,0 +1,138 @@
+"""A local one-node SLURM cluster for the `slurm` integration tests, and small helpers to drive jobs.
+
+``ensure_cluster()`` returns None when a usable cluster is up, starting one with ``.ci/slurm_setup.sh``
+(root only) when none answers; otherwise it returns the reason, which the tests turn into a skip.
+
+    python tests/slurm_cluster.py          # start (or check) the cluster, print its state
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SETUP = ROOT / ".ci" / "slurm_setup.sh"
+USABLE = {"idle", "mixed", "allocated", "completing"}
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+            "DEADLINE", "PREEMPTED"}
+
+
+def _run(cmd: list[str], timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def node_states() -> list[str]:
+    """States of the cluster's nodes (empty when sinfo is missing or the controller does not answer)."""
+    if not shutil.which("sinfo"):
+        return []
+    try:
+        res = _run(["sinfo", "-h", "-o", "%T"], timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [s.strip().rstrip("*~#!%$@^-") for s in res.stdout.split()] if res.returncode == 0 else []
+
+
+def cluster_running() -> bool:
+    """True when the controller answers and at least one node can run jobs."""
+    return any(s in USABLE for s in node_states()) and bool(shutil.which("sbatch"))
+
+
+_REASON: list = []  # memo: the reason of the first failed start (None once started)
+
+
+def ensure_cluster(timeout_s: float = 600) -> str | None:
+    """None when a cluster is usable (started here if needed); else why it cannot be started."""
+    if cluster_running():
+        return None
+    if _REASON:
+        return _REASON[0]
+    reason = None
+    if os.geteuid() != 0:
+        reason = "no SLURM cluster running, and starting one needs root (run .ci/slurm_setup.sh)"
+    elif not SETUP.is_file():
+        reason = f"no SLURM cluster running and {SETUP} is missing"
+    else:
+        try:
+            res = subprocess.run(["bash", str(SETUP)], capture_output=True, text=True, timeout=timeout_s)
+            if res.returncode != 0:
+                lines = (res.stderr.strip() or res.stdout.strip() or "failed").splitlines()
+                reason = f"cannot start SLURM: {lines[-1]}"
+        except (OSError, subprocess.SubprocessError) as exc:
+            reason = f"cannot start SLURM: {exc}"
+        if reason is None and not cluster_running():
+            reason = "SLURM was started but no node is usable"
+    _REASON.append(reason)
+    return reason
+
+
+def job_fields(job_id: str) -> dict:
+    """`scontrol show job -o` fields of a job ({} if unknown)."""
+    try:
+        res = _run(["scontrol", "show", "job", "-o", str(job_id)])
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    if res.returncode != 0 or not res.stdout.strip():
+        return {}
+    return dict(re.findall(r"(\w+)=(\S*)", res.stdout.strip().splitlines()[0]))
+
+
+def job_state(job_id: str) -> str:
+    return job_fields(job_id).get("JobState", "UNKNOWN")
+
+
+def wait_job(job_id: str, timeout_s: float = 240, poll_s: float = 1.0) -> str:
+    """Wait until the job is in a terminal state; return it (or the last state seen at the timeout)."""
+    deadline = time.time() + timeout_s
+    state = "UNKNOWN"
+    while time.time() < deadline:
+        state = job_state(job_id)
+        if state in TERMINAL:
+            return state
+        time.sleep(poll_s)
+    return state
+
+
+def wait_for(predicate, timeout_s: float = 120, poll_s: float = 0.2) -> bool:
+    """Poll predicate() until it is true (True) or the timeout passes (False)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(poll_s)
+    return bool(predicate())
+
+
+def cancel(job_id: str) -> None:
+    """Cancel a job (cleanup after a failed test); ignores errors."""
+    try:
+        _run(["scancel", str(job_id)])
+    except (OSError, subprocess.SubprocessError):
+        pass
+
+
+def launcher(args: list[str], env: dict | None = None, timeout_s: float = 600) -> subprocess.CompletedProcess:
+    """Run `python -m ddp_resnet.slurm ARGS` from the repository root (as a user would)."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    full_env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in full_env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return subprocess.run([sys.executable, "-m", "ddp_resnet.slurm", *args], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout_s)
+
+
+def job_ids(stdout: str) -> list[str]:
+    """Job ids printed by the launcher ('job id: N', or the first column of the sweep table)."""
+    single = re.findall(r"^job id:\s+(\S+)", stdout, flags=re.M)
+    if single:
+        return single
+    return re.findall(r"^(\d+(?:_\d+)?)\s+\S", stdout, flags=re.M)
+
+
+if __name__ == "__main__":
+    why = ensure_cluster()
+    print(why or f"SLURM cluster up: nodes {', '.join(node_states())}")
+    sys.exit(1 if why else 0)
