@@ -284,7 +284,7 @@ class Trainer:
         if saved_spe != self.steps_per_epoch:
             raise ConfigError(f"checkpoint {path} was written with {saved_spe} steps per epoch, this run has "
                               f"{self.steps_per_epoch}: data.batch_size or the dataset changed")
-        self.epoch_acc = payload["epoch_acc"].to(self.env.device)
+        self.epoch_acc = payload["epoch_acc"].to(self.env.device) * (1.0 if self.env.is_main else 0.0)
         self.epoch_train_time = float(payload.get("epoch_train_time", 0.0))
         self.best = payload["best"]
         rngs = payload["rng"]
@@ -309,6 +309,8 @@ class Trainer:
     def payload(self) -> dict:
         """The full training state (every rank must call this: it gathers RNG states)."""
         rng = self._gather_rng()
+        # the epoch's running train metrics summed over ranks; on resume rank 0 carries them
+        epoch_acc = distributed.all_reduce_sum(self.epoch_acc.clone())
         if not self.env.is_main:
             return {}
         return {
@@ -321,7 +323,7 @@ class Trainer:
             "epoch": self.step // self.steps_per_epoch,
             "epoch_position": self.step % self.steps_per_epoch,
             "steps_per_epoch": self.steps_per_epoch,
-            "epoch_acc": self.epoch_acc.cpu(),
+            "epoch_acc": epoch_acc.cpu(),
             "epoch_train_time": self.epoch_train_time,
             "best": self.best,
             "config": config_mod.to_dict(self.cfg),

@@ -290,6 +290,8 @@ def test_resume_mid_epoch_is_exact_and_independent_of_workers():
         _assert_same(list(loader), _epoch(loader, 2))  # start_batch applies to one iteration only
         runs[name] = full
         runs[name + "_e3"] = _epoch(loader, 3)
+        fresh = build_train_loader(c, info, 1, 2, CPU, seed=7)  # a resumed run's very first iteration
+        _assert_same(_epoch(fresh, 2, 5), full[5:])
     _assert_same(runs["dl0"], runs["dl2"])
     _assert_same(runs["gpu"], runs["dl0"])  # both paths yield bit-identical batches
     _assert_same(runs["gpu_e3"], runs["dl2_e3"])

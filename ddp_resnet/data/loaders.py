@@ -273,7 +273,8 @@ class EpochBatchSampler(Sampler):
     """Batches a ``DistributedSampler``'s indices per rank (drop_last) as lists of ``(index, epoch)``.
 
     ``set_epoch(epoch, start_batch)`` selects the epoch and skips the first ``start_batch`` batches of
-    indices (nothing is loaded for them); the skip applies to the next iteration only.
+    indices (nothing is loaded for them). The owner resets the skip after creating its iterator: a
+    DataLoader with workers calls ``iter()`` on this sampler more than once per iterator.
     """
 
     def __init__(self, sampler: DistributedSampler, batch_size: int) -> None:
@@ -289,7 +290,6 @@ class EpochBatchSampler(Sampler):
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         epoch, start, b = self.epoch, self.start_batch, self.batch_size
-        self.start_batch = 0
         self.sampler.set_epoch(epoch)
         indices = list(self.sampler)
         return iter([[(i, epoch) for i in indices[k * b : (k + 1) * b]] for k in range(start, self.num_batches)])
@@ -338,6 +338,7 @@ class DataLoaderTrainLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batches = iter(self.loader)  # captures epoch and start_batch now
+        self.batch_sampler.start_batch = 0  # the skip applies to this iteration only
 
         def generate() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             for images, labels in batches:
