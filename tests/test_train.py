@@ -87,3 +87,37 @@ def test_two_jobs_at_once_on_one_host_do_not_collide(tmp_path):
         stdout, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 0, stderr[-3000:]
     assert metrics(tmp_path / "a")[-1]["test_count"] == metrics(tmp_path / "b")[-1]["test_count"] == 64
+
+
+def test_tasks_started_like_srun_without_torchrun_form_one_job(tmp_path):
+    """Two plain processes carrying only srun's variables (as `srun --ntasks=2` starts them) train together."""
+    import socket
+    import sys
+
+    from conftest import TINY
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "srun"
+    procs = []
+    for rank in range(2):
+        env = child_env({"SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_STEP_NUM_TASKS": "2",
+                         "SLURM_NODEID": "0", "SLURM_STEP_NODELIST": "localhost", "SLURM_JOB_ID": "4242",
+                         "SLURM_STEP_TASKS_PER_NODE": "2", "MASTER_PORT": str(port)})
+        procs.append(subprocess.Popen([sys.executable, "-m", "ddp_resnet.train", *TINY, f"output_dir={out}",
+                                       "train.epochs=1", "data.synthetic_test_size=101"], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert "world 2 (slurm, gloo" in outputs[0][0] and outputs[1][0] == ""
+    assert metrics(out)[-1]["test_count"] == 101
+
+
+def test_amp_bf16_channels_last_adamw_and_label_smoothing_run_on_cpu(tmp_path):
+    out = tmp_path / "amp"
+    ok(run_train(out, "train.epochs=1", "train.amp=bf16", "train.channels_last=true", "optim.name=adamw",
+                 "optim.lr=0.001", "optim.weight_decay=0.05", "train.label_smoothing=0.1", "data.cutmix_alpha=1.0",
+                 "optim.no_wd_bn_bias=true", "optim.clip_grad_norm=1.0"))
+    record = metrics(out)[-1]
+    assert record["test_count"] == 64 and record["train_loss"] == record["train_loss"]  # finite, not NaN
