@@ -99,6 +99,30 @@ class Plan:
     warnings: list = field(default_factory=list)
 
 
+_LOCKS: list = []  # open lock files, held for the life of the process
+
+
+def lock_output_dir(out: Path) -> None:
+    """Refuse to share an output directory with another running job (an advisory lock, released on exit)."""
+    import fcntl
+    import socket
+
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise ConfigError(f"output_dir {out} is in use by a running job ({owner}); choose another output_dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    _LOCKS.append(handle)
+
+
 def _run_exists(out: Path) -> bool:
     return bool(ckpt.candidates(out / "checkpoints")) or (out / "metrics.jsonl").is_file()
 
@@ -132,6 +156,12 @@ def plan_run(cfg: Config, launch: distributed.LaunchInfo) -> Plan:
         plan.resume_path = Path(resume)
     ckpt.check_compatible(plan.payload, cfg.model.name, info.num_classes, plan.resume_path)
     return plan
+
+
+def claim_output_dir(plan: Plan) -> None:
+    """Rank 0 locks the output directory once the configuration is known to be good."""
+    if plan.launch.rank == 0:
+        lock_output_dir(Path(plan.cfg.output_dir))
 
 
 # -------------------------------------------------------------------------------------------- the run
@@ -478,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_mod.load(args.config, args.overrides)
         plan = plan_run(cfg, distributed.read_env())
+        claim_output_dir(plan)
     except (ConfigError, ckpt.CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_CONFIG

@@ -121,3 +121,21 @@ def test_amp_bf16_channels_last_adamw_and_label_smoothing_run_on_cpu(tmp_path):
                  "optim.no_wd_bn_bias=true", "optim.clip_grad_norm=1.0"))
     record = metrics(out)[-1]
     assert record["test_count"] == 64 and record["train_loss"] == record["train_loss"]  # finite, not NaN
+
+
+def test_a_second_job_on_the_same_output_dir_is_refused_while_the_first_runs(tmp_path):
+    import sys
+
+    from conftest import TINY
+
+    out = tmp_path / "shared"
+    first = subprocess.Popen([sys.executable, "-m", "ddp_resnet.train", *TINY, f"output_dir={out}", "train.epochs=30"],
+                             cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "config.yaml").is_file() and time.time() < deadline:
+        time.sleep(0.1)
+    second = run_train(out, "train.epochs=30")
+    first.kill()
+    first.communicate()
+    assert second.returncode == 2
+    assert "is in use by a running job (pid" in second.stderr and len(second.stderr.strip().splitlines()) == 1
