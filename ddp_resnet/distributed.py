@@ -136,7 +136,8 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def init(device: str = "auto", backend: str = "auto", timeout_s: int = 300, launch: LaunchInfo | None = None) -> DistEnv:
+def init(device: str = "auto", backend: str = "auto", timeout_s: int = 300,
+         launch: LaunchInfo | None = None) -> DistEnv:
     """Pin this rank's device and, for more than one process, create the process group."""
     launch = launch or read_env()
     dev = resolve_device(device, launch.local_rank)

@@ -8,8 +8,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
 from ddp_resnet import checkpoint as ckpt
 
 

@@ -412,7 +412,8 @@ class Trainer:
         elapsed = time.time() - run_start
         done_frac = self.step / self.total_steps
         eta = elapsed / max(done_frac, 1e-9) * (1 - done_frac) if self.step else 0
-        test = f" test_loss {record['test_loss']:.4f} test_acc {record['test_acc']:.2f}%" if "test_acc" in record else ""
+        test = (f" test_loss {record['test_loss']:.4f} test_acc {record['test_acc']:.2f}%"
+                if "test_acc" in record else "")
         log(self.env, f"epoch {epoch + 1}/{self.total_epochs} step {self.step}/{self.total_steps} "
                       f"train_loss {record['train_loss']:.4f} train_acc {record['train_acc']:.2f}%{test} "
                       f"lr {record['lr']:.4g} {record['img_per_s']:.0f} img/s epoch {record['epoch_time_s']:.1f}s "

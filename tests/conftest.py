@@ -68,7 +68,8 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
 
 def ok(proc: subprocess.CompletedProcess, code: int = 0) -> subprocess.CompletedProcess:
     """Assert the exit code, showing the process output when it differs."""
-    assert proc.returncode == code, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}"
+    assert proc.returncode == code, (f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\n"
+                                     f"STDERR:\n{proc.stderr[-4000:]}")
     return proc
 
 
