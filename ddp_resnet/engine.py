@@ -1,7 +1,8 @@
 """Training and evaluation steps: AMP, gradient accumulation with no_sync, clipping, EMA, exact evaluation.
 
 No argparse, no paths, no process-group setup here: the caller hands in modules, loaders and a DistEnv-like
-device. Metrics stay on the device until an epoch ends (no host sync per step).
+device. Metrics stay on the device until an epoch ends: a training step issues no host sync and no host->device
+copy (with fp16, GradScaler's inf check syncs unless the optimizer is fused), so the host can queue work ahead.
 """
 from __future__ import annotations
 
@@ -70,6 +71,7 @@ class Stepper:
         stats = torch.zeros(3, device=s.device)
         self.optimizer.zero_grad(set_to_none=True)
         n = len(micro_batches)
+        total = 0
         for i, (images, labels) in enumerate(micro_batches):
             last = i == n - 1
             sync = contextlib.nullcontext() if (last or self.ddp is None) else self.ddp.no_sync()
@@ -82,8 +84,11 @@ class Stepper:
                 self.scaler.scale(loss / n).backward()
             with torch.no_grad():
                 count = labels.shape[0]
-                stats += torch.stack([loss.detach().float() * count, (logits.argmax(1) == labels).sum().float(),
-                                      torch.tensor(float(count), device=s.device)])
+                total += count
+                stats[:2] += torch.stack([loss.detach().float() * count, (logits.argmax(1) == labels).sum().float()])
+        # The count is known on the host: a scalar kernel argument, never a host->device copy (on CUDA a copy
+        # from pageable memory would synchronize the stream once per micro-batch).
+        stats[2] += total
         if s.clip_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.bare.parameters(), s.clip_grad_norm)

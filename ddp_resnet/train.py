@@ -10,6 +10,7 @@ a checkpoint was written, and a later run resumes exactly from it.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -18,12 +19,14 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp_resnet import checkpoint as ckpt
@@ -195,6 +198,74 @@ def build_network(cfg: Config, info, env) -> torch.nn.Module:
     return model.to(env.device, memory_format=memory_format)
 
 
+@dataclass
+class StepParts:
+    """A training step as the trainer wires it, plus how torch.compile went (off | on | fallback)."""
+
+    bare: nn.Module
+    model: nn.Module
+    ddp: DDP | None
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    ema: ModelEma | None
+    stepper: Stepper
+    compiled: str = "off"
+    notes: list = field(default_factory=list)
+
+
+def _wrap(bare: nn.Module, cfg: Config, env) -> tuple[nn.Module, DDP | None]:
+    """DDP around the bare model when there is a process group (exactly as the Trainer does)."""
+    if not env.distributed:
+        return bare, None
+    ddp = DDP(bare, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+              gradient_as_bucket_view=True)
+    return ddp, ddp
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
+def build_step(cfg: Config, info, env, bare: nn.Module, total_steps: int, steps_per_epoch: int,
+               note: Callable[[str], None] = print) -> StepParts:
+    """Optimizer, scheduler, scaler, EMA, DDP, torch.compile and Stepper around ``bare``, as in ``Trainer``."""
+    optimizer = build_optimizer(bare, cfg, env.device)
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps, steps_per_epoch)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.train.amp == "fp16")
+    ema = ModelEma(bare, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+    model, ddp = _wrap(bare, cfg, env)
+    compiled = "off"
+    if cfg.train.compile:
+        try:
+            model = torch.compile(model)
+            compiled = "on"
+        except Exception as exc:  # noqa: BLE001 - any compile failure means: run eagerly
+            note(f"note: torch.compile failed ({_first_line(exc)}); falling back to eager")
+            compiled = "fallback"
+    settings = StepSettings(device=env.device, amp=cfg.train.amp, label_smoothing=cfg.train.label_smoothing,
+                            clip_grad_norm=cfg.optim.clip_grad_norm, num_classes=info.num_classes,
+                            mixup_alpha=cfg.data.mixup_alpha, cutmix_alpha=cfg.data.cutmix_alpha,
+                            seed=cfg.train.seed, rank=env.rank)
+    stepper = Stepper(model, optimizer, scheduler, scaler, settings, ema=ema, bare_model=bare, ddp=ddp)
+    return StepParts(bare, model, ddp, optimizer, scheduler, scaler, ema, stepper, compiled)
+
+
+def fall_back_to_eager(parts: StepParts, cfg: Config, env, exc: BaseException,
+                       note: Callable[[str], None] = print) -> None:
+    """After a compiled first step failed: drop the compiled graphs (and a DDP wrapper that saw a half step)."""
+    note(f"note: torch.compile failed in the first step ({_first_line(exc)}); falling back to eager")
+    import torch._dynamo
+
+    parts.stepper.model = parts.stepper.ddp = parts.model = parts.ddp = None
+    torch._dynamo.reset()
+    gc.collect()  # a discarded DDP's reducer removes its gradient hooks when it is freed
+    parts.model, parts.ddp = _wrap(parts.bare, cfg, env)
+    parts.stepper.model, parts.stepper.ddp = parts.model, parts.ddp
+    parts.compiled = "fallback"
+
+
 class MetricsWriter:
     """metrics.jsonl and TensorBoard on rank 0."""
 
@@ -262,35 +333,36 @@ class Trainer:
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
         self.total_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.bare = build_network(cfg, self.info, env)
-        self.optimizer = build_optimizer(self.bare, cfg, env.device)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps, self.steps_per_epoch)
-        self.scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.train.amp == "fp16")
-        self.ema = ModelEma(self.bare, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
-        self.ddp = None
-        model = self.bare
-        if env.distributed:
-            self.ddp = DDP(self.bare, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                           gradient_as_bucket_view=True)
-            model = self.ddp
-        if cfg.train.compile:
-            model = torch.compile(model)
-        self.model = model
+        self.parts = build_step(cfg, self.info, env, self.bare, self.total_steps, self.steps_per_epoch,
+                                note=lambda message: log(env, message))
+        self._adopt(self.parts)
         # gloo control group for stop flags and RNG gathering (CPU tensors, no GPU sync per step)
         self.control = None
         if env.distributed:
             self.control = dist.new_group(backend="gloo") if env.backend != "gloo" else dist.group.WORLD
-        settings = StepSettings(device=env.device, amp=cfg.train.amp, label_smoothing=cfg.train.label_smoothing,
-                                clip_grad_norm=cfg.optim.clip_grad_norm, num_classes=self.info.num_classes,
-                                mixup_alpha=cfg.data.mixup_alpha, cutmix_alpha=cfg.data.cutmix_alpha,
-                                seed=cfg.train.seed, rank=env.rank)
-        self.stepper = Stepper(self.model, self.optimizer, self.scheduler, self.scaler, settings, ema=self.ema,
-                               bare_model=self.bare, ddp=self.ddp)
         self.ckpt_policy = ckpt.CheckpointPolicy(self.out / "checkpoints", cfg.ckpt.keep)
         self.step = 0
         self.epoch_acc = torch.zeros(3, device=env.device)
         self.epoch_train_time = 0.0
         self.best = {"metric": "test_acc", "value": None, "epoch": None, "history": []}
         self.fail_at = self._fail_hook()
+
+    def _adopt(self, parts: StepParts) -> None:
+        """Take the step's modules (again after a compile fallback)."""
+        self.optimizer, self.scheduler, self.scaler = parts.optimizer, parts.scheduler, parts.scaler
+        self.ema = parts.ema
+        self.model, self.ddp, self.stepper = parts.model, parts.ddp, parts.stepper
+
+    def _first_step(self, micro: list) -> torch.Tensor:
+        """The process's first step; a torch.compile failure there falls back to eager and retries."""
+        try:
+            return self.stepper.step(micro, self.step)
+        except Exception as exc:
+            if self.parts.compiled != "on":
+                raise
+            fall_back_to_eager(self.parts, self.cfg, self.env, exc, note=lambda message: log(self.env, message))
+            self._adopt(self.parts)
+            return self.stepper.step(micro, self.step)
 
     def _fail_hook(self):
         spec = os.environ.get(_FAIL_ENV, "")
@@ -428,6 +500,7 @@ class Trainer:
         run_start = time.time()
         start_step = self.step
         budget_end = self.step + cfg.train.run_steps if cfg.train.run_steps else self.total_steps
+        first_step = True
         try:
             while self.step < self.total_steps:
                 epoch, pos = divmod(self.step, self.steps_per_epoch)
@@ -444,7 +517,9 @@ class Trainer:
                     micro = [next(batches) for _ in range(self.accum)]
                     if self.fail_at is not None and self.step == self.fail_at:
                         raise RuntimeError(f"injected failure on rank {env.rank} at step {self.step}")
-                    self.epoch_acc += self.stepper.step(micro, self.step)
+                    first = first_step
+                    first_step = False
+                    self.epoch_acc += self._first_step(micro) if first else self.stepper.step(micro, self.step)
                     self.step += 1
                     if self.step % cfg.train.log_every == 0:
                         log(env, f"  step {self.step}/{self.total_steps} lr {self.scheduler.get_last_lr()[0]:.4g}")

@@ -139,3 +139,19 @@ def test_a_second_job_on_the_same_output_dir_is_refused_while_the_first_runs(tmp
     first.communicate()
     assert second.returncode == 2
     assert "is in use by a running job (pid" in second.stderr and len(second.stderr.strip().splitlines()) == 1
+
+
+def test_a_compile_failure_in_the_first_step_falls_back_to_eager(tmp_path, monkeypatch, capsys):
+    from conftest import TINY
+    from ddp_resnet import train
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("backend compiler failed")
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: Broken())
+    torch.set_num_threads(1)
+    assert train.main([*TINY, f"output_dir={tmp_path / 'run'}", "train.compile=true", "train.epochs=1"]) == 0
+    out = capsys.readouterr().out
+    assert "torch.compile failed in the first step (RuntimeError: backend compiler failed); falling back to eager" in out
+    assert metrics(tmp_path / "run")[-1]["step"] == 4
