@@ -23,7 +23,7 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 
 
 def _run(cmd: list[str], timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout)
 
 
 def node_states() -> list[str]:
@@ -58,7 +58,7 @@ def ensure_cluster(timeout_s: float = 600) -> str | None:
         reason = f"no SLURM cluster running and {SETUP} is missing"
     else:
         try:
-            res = subprocess.run(["bash", str(SETUP)], capture_output=True, text=True, timeout=timeout_s)
+            res = subprocess.run(["bash", str(SETUP)], check=False, capture_output=True, text=True, timeout=timeout_s)
             if res.returncode != 0:
                 lines = (res.stderr.strip() or res.stdout.strip() or "failed").splitlines()
                 reason = f"cannot start SLURM: {lines[-1]}"
@@ -119,17 +119,18 @@ def launcher(args: list[str], env: dict | None = None, timeout_s: float = 600) -
     """Run `python -m ddp_resnet.slurm ARGS` from the repository root (as a user would)."""
     full_env = dict(os.environ)
     full_env.update(env or {})
-    full_env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in full_env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    paths = [p for p in full_env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    full_env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *paths])
     return subprocess.run([sys.executable, "-m", "ddp_resnet.slurm", *args], cwd=ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout_s)
+                          check=False, capture_output=True, text=True, timeout=timeout_s)
 
 
 def job_ids(stdout: str) -> list[str]:
     """Job ids printed by the launcher ('job id: N', or the first column of the sweep table)."""
-    single = re.findall(r"^job id:\s+(\S+)", stdout, flags=re.M)
+    single = re.findall(r"^job id:\s+(\S+)", stdout, flags=re.MULTILINE)
     if single:
         return single
-    return re.findall(r"^(\d+(?:_\d+)?)\s+\S", stdout, flags=re.M)
+    return list(dict.fromkeys(re.findall(r"^(\d+(?:_\d+)?) {2,}\S", stdout, flags=re.MULTILINE)))
 
 
 if __name__ == "__main__":

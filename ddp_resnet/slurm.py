@@ -1,0 +1,762 @@
+"""Submit training to SLURM (or run it locally) through submitit: one task per GPU, preemption-safe, sweeps.
+
+    python -m ddp_resnet.slurm --config configs/X.yaml [key=value ...] --nodes 2 --gpus-per-node 8 \\
+        --partition P --time 240 [--account A] [--qos Q] [--constraint C] [--cpus-per-task K] [--mem M] \\
+        [--job-name N] [--tasks-per-node N] [--signal USR2] [--signal-delay-s 120] [--max-timeouts 3] \\
+        [--log-dir DIR] [--sweep key=v1,v2 ...] [--dry-run | --local] [--wait]
+
+How a job runs: sbatch starts ``srun --kill-on-bad-exit=1`` with one task per GPU (``--gpus-per-node 0
+--tasks-per-node N`` gives a CPU job and adds ``train.device=cpu dist.backend=gloo``). Every task calls
+``ddp_resnet.train.main`` with the validated arguments; ``ddp_resnet.distributed.read_env`` takes rank,
+world size, local rank and the rendezvous address from srun's variables (port derived from the job id).
+
+Preemption and time limits: SLURM sends ``--signal`` (USR2) ``--signal-delay-s`` seconds before the time
+limit, and a scheduler preempting the job sends SIGTERM. The trainer catches both, the ranks agree at the
+next step boundary, rank 0 writes ``checkpoints/last.pt`` and every rank returns ``EXIT_STOPPED`` (75).
+Rank 0 then requeues the job (``scontrol requeue``); the same command restarts with ``ckpt.resume=auto``
+and continues exactly. A stop within ``--signal-delay-s`` + 90 s of the time limit counts as a time-out;
+after ``--max-timeouts`` of them the job fails instead of requeueing (resubmit the same command to go on).
+Preemptions requeue without limit. Each decision is appended to ``<log dir>/<job id>_requeues.jsonl``.
+
+Any other non-zero exit code on any rank fails the whole job at once (srun kills the other ranks).
+
+Nothing is submitted unless every check passes: the config with all overrides (and every sweep point),
+the world size (nodes x tasks per node) against the batch size, the partition (``sinfo``), the numbers.
+Each failure prints one line on stderr and exits with 2.
+
+This module imports submitit only inside functions, so ``--help`` and argument checks work without it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ddp_resnet import config as config_lib
+from ddp_resnet.config import ConfigError
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_STOPPED = 75  # ddp_resnet.train.EXIT_STOPPED: a stop signal arrived, last.pt written, requeue me
+LOCAL_REQUEUE_EXIT = 144  # submitit's local controller restarts all tasks when one exits with this code
+SIGNALS = ("USR2", "TERM")  # the signals the trainer turns into a checkpoint-and-stop
+TIMEOUT_GRACE_S = 90  # SLURM may send the warning signal up to ~60 s early; add slack for the stop itself
+KILL_ON_BAD_EXIT = "--kill-on-bad-exit=1"
+TERMINAL_STATES = {
+    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+    "PREEMPTED",
+}
+
+
+class UsageError(ValueError):
+    """A problem with the command line, described in one line (exit code 2, nothing submitted)."""
+
+
+# ---------------------------------------------------------------------------------------------------- parsing
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of usage + message
+        raise UsageError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m ddp_resnet.slurm",
+        description="Submit ddp_resnet training to SLURM through submitit (one task per GPU, requeue on "
+                    "preemption/time limit, sweeps as one job array).",
+        epilog="Example: python -m ddp_resnet.slurm --config configs/X.yaml output_dir=runs/x --nodes 2 "
+               "--gpus-per-node 8 --partition gpu --time 240 --sweep optim.lr=0.05,0.1",
+    )
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=90")
+    p.add_argument("--config", help="YAML recipe (as for python -m ddp_resnet.train)")
+    g = p.add_argument_group("resources")
+    g.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
+    g.add_argument("--gpus-per-node", type=int, required=True,
+                   help="GPUs per node; one task per GPU. 0 = CPU job (needs --tasks-per-node; gloo)")
+    g.add_argument("--tasks-per-node", type=int, default=None,
+                   help="tasks per node (default: --gpus-per-node, or 1 for a CPU job)")
+    g.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per task (data workers + 1 is typical)")
+    g.add_argument("--mem", default=None, help="memory per node, SLURM syntax: 64G, 500000M, 0 = all")
+    g.add_argument("--partition", default=None, help="partition (default: the cluster's default)")
+    g.add_argument("--time", default="60", help="time limit: minutes or [D-]HH:MM[:SS] (default 60)")
+    g.add_argument("--account", default=None)
+    g.add_argument("--qos", default=None)
+    g.add_argument("--constraint", default=None, help="node features, e.g. a100")
+    g.add_argument("--job-name", default=None, help="job name (default: the output directory's name)")
+    g.add_argument("--sbatch-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra #SBATCH option, e.g. mail-type=END (repeatable)")
+    g.add_argument("--array-parallelism", type=int, default=None, help="sweeps: at most N array tasks at once")
+    r = p.add_argument_group("preemption")
+    r.add_argument("--signal", default="USR2", type=str.upper, help="warning signal before the limit: USR2|TERM")
+    r.add_argument("--signal-delay-s", type=int, default=120, help="send it this many seconds before the limit")
+    r.add_argument("--max-timeouts", type=int, default=3,
+                   help="requeue after at most N time-outs (preemptions requeue without limit; default 3)")
+    m = p.add_argument_group("mode")
+    m.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                   help="sweep a config key (repeatable: the product of all sweeps runs as one job array)")
+    m.add_argument("--log-dir", default=None, help="submitit folder for scripts, pickles, logs "
+                                                  "(default <output_dir>/slurm; must be on shared storage)")
+    m.add_argument("--dry-run", action="store_true", help="print the sbatch script and the plan; submit nothing")
+    m.add_argument("--local", action="store_true", help="run the same job here with submitit's local executor")
+    m.add_argument("--wait", action="store_true", help="wait for the job(s) to end; exit 0 only if all completed")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse the command line (options and key=value overrides may be interleaved)."""
+    return build_parser().parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
+
+
+def parse_time(text: str) -> int:
+    """SLURM time (minutes, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]) -> whole minutes (rounded up)."""
+    text = str(text).strip()
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
+    if not m:
+        raise UsageError(f"--time: cannot read '{text}'; use minutes or [D-]HH:MM[:SS]")
+    days, a, b, c = m.groups()
+    a, b, c = int(a), int(b or 0), int(c or 0)
+    if days is not None:
+        seconds = int(days) * 86400 + a * 3600 + b * 60 + c
+    elif m.group(4) is not None:
+        seconds = a * 3600 + b * 60 + c
+    elif m.group(3) is not None:
+        seconds = a * 60 + b
+    else:
+        seconds = a * 60
+    return math.ceil(seconds / 60)
+
+
+def split_values(text: str) -> list[str]:
+    """Split `v1,v2,[1,2]` on the commas outside brackets -> ['v1', 'v2', '[1,2]']."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        if ch in "[({":
+            depth += 1
+        elif ch in "])}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    out.append(cur.strip())
+    return out
+
+
+def parse_sweeps(items: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """`--sweep key=v1,v2` items -> [(key, [v1, v2]), ...] (key order kept; duplicates rejected)."""
+    sweeps: list[tuple[str, list[str]]] = []
+    for item in items:
+        if "=" not in item or item.startswith("="):
+            raise UsageError(f"--sweep '{item}': expected key=v1,v2,...")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        values = split_values(raw)
+        if not values or any(v == "" for v in values):
+            raise UsageError(f"--sweep '{item}': empty value")
+        if key == "output_dir":
+            raise UsageError("--sweep output_dir: not allowed (each sweep point gets its own output directory)")
+        if key in {k for k, _ in sweeps}:
+            raise UsageError(f"--sweep {key}: given twice; list all values in one --sweep")
+        if len(set(values)) != len(values):
+            raise UsageError(f"--sweep {key}: repeated value")
+        sweeps.append((key, values))
+    return sweeps
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+=-]+", "-", text).strip("-") or "x"
+
+
+def point_names(sweeps: list[tuple[str, list[str]]]) -> list[tuple[list[str], str]]:
+    """The product of the sweeps: [(overrides, directory name), ...] in itertools.product order.
+
+    Names join `<last key part><value>` with '_' (e.g. lr0.05_weight_decay1e-4); the full dotted key is used
+    when two swept keys share their last part, and an index prefix is added if names still collide.
+    """
+    if not sweeps:
+        return [([], "")]
+    lasts = [k.split(".")[-1] for k, _ in sweeps]
+    labels = [k.split(".")[-1] if lasts.count(k.split(".")[-1]) == 1 else k for k, _ in sweeps]
+    points = []
+    for combo in itertools.product(*[values for _, values in sweeps]):
+        overrides = [f"{key}={value}" for (key, _), value in zip(sweeps, combo)]
+        name = "_".join(_slug(f"{label}{value}") for label, value in zip(labels, combo))
+        points.append((overrides, name))
+    names = [n for _, n in points]
+    if len(set(names)) != len(names):
+        width = len(str(len(points) - 1))
+        points = [(o, f"{i:0{width}d}_{n}") for i, (o, n) in enumerate(points)]
+    return points
+
+
+# ---------------------------------------------------------------------------------------------------- plan
+@dataclass(frozen=True)
+class Point:
+    """One job of the submission (the only one without --sweep)."""
+
+    index: int
+    overrides: tuple  # the sweep overrides of this point ('' for a plain job)
+    output_dir: str  # absolute
+    argv: tuple  # what every task passes to ddp_resnet.train.main
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated submission."""
+
+    cluster: str  # slurm | local
+    output_dir: str  # absolute; the sweep root for sweeps
+    log_dir: str  # absolute submitit folder
+    nodes: int
+    tasks_per_node: int
+    gpus_per_node: int
+    time_min: int
+    job_name: str
+    points: tuple
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    cpus_per_task: int | None = None
+    mem: str | None = None
+    signal: str = "USR2"
+    signal_delay_s: int = 120
+    max_timeouts: int = 3
+    sbatch_opts: tuple = ()
+    array_parallelism: int | None = None
+    sweep_keys: tuple = ()
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+
+def slurm_available() -> bool:
+    """True when the SLURM client commands are on PATH."""
+    return bool(shutil.which("sbatch") and shutil.which("sinfo") and shutil.which("srun"))
+
+
+def slurm_partitions() -> list[str]:
+    """Partition names known to the controller (sinfo); raises UsageError when sinfo fails."""
+    try:
+        res = subprocess.run(["sinfo", "-h", "-o", "%R"], check=False, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise UsageError(f"cannot list SLURM partitions: {exc}") from None
+    if res.returncode != 0:
+        first = (res.stderr.strip().splitlines() or ["sinfo failed"])[0]
+        raise UsageError(f"cannot list SLURM partitions: {first}")
+    return sorted({line.strip() for line in res.stdout.splitlines() if line.strip()})
+
+
+def _check_positive(name: str, value: int | None, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise UsageError(f"{name}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _parse_sbatch_opts(items: Sequence[str]) -> tuple:
+    out = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().lstrip("-")
+        if not key or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", key):
+            raise UsageError(f"--sbatch-opt '{item}': expected KEY=VALUE (or KEY for a flag)")
+        out.append((key.replace("_", "-"), value if sep else True))
+    return tuple(out)
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    """Check everything that can be checked before submitting; raise UsageError/ConfigError (one line)."""
+    cluster = "local" if args.local else "slurm"
+    _check_positive("--nodes", args.nodes)
+    _check_positive("--gpus-per-node", args.gpus_per_node, allow_zero=True)
+    _check_positive("--tasks-per-node", args.tasks_per_node)
+    _check_positive("--cpus-per-task", args.cpus_per_task)
+    _check_positive("--signal-delay-s", args.signal_delay_s)
+    _check_positive("--max-timeouts", args.max_timeouts, allow_zero=True)
+    _check_positive("--array-parallelism", args.array_parallelism)
+    gpus = args.gpus_per_node
+    tasks = args.tasks_per_node if args.tasks_per_node is not None else (gpus or 1)
+    if gpus > 0 and tasks != gpus:
+        raise UsageError(f"--tasks-per-node {tasks} must equal --gpus-per-node {gpus} (one task per GPU)")
+    if args.local and args.nodes != 1:
+        raise UsageError(f"--local runs on this machine only: --nodes must be 1, got {args.nodes}")
+    time_min = parse_time(args.time)
+    _check_positive("--time", time_min)
+    if args.signal_delay_s >= time_min * 60:
+        raise UsageError(f"--signal-delay-s {args.signal_delay_s} must be shorter than --time ({time_min * 60} s)")
+    if args.signal not in SIGNALS:
+        raise UsageError(f"--signal: unknown signal '{args.signal}'; valid choices: {', '.join(SIGNALS)}")
+    if args.mem is not None and not re.fullmatch(r"\d+[KMGTkmgt]?[Bb]?", str(args.mem)):
+        raise UsageError(f"--mem: cannot read '{args.mem}'; use SLURM syntax such as 64G or 500000M")
+    for name in ("partition", "account", "qos", "constraint", "job_name"):
+        value = getattr(args, name)
+        if value is not None and (not value.strip() or any(c.isspace() for c in value)):
+            raise UsageError(f"--{name.replace('_', '-')}: invalid value {value!r}")
+    sbatch_opts = _parse_sbatch_opts(args.sbatch_opt)
+
+    # the config: base overrides, then every sweep point (validates sweep keys and values)
+    overrides = [str(o) for o in args.overrides]
+    for text in overrides:
+        config_lib.parse_override(text)  # shape check: key=value
+    if gpus == 0:  # CPU job: gloo on CPU (the user's own overrides still win, then are checked below)
+        overrides = ["train.device=cpu", "dist.backend=gloo"] + overrides
+    config_path = str(Path(args.config).expanduser().absolute()) if args.config else None
+    base = config_lib.load(config_path, overrides)
+    if gpus == 0 and base.train.device == "cuda":
+        raise ConfigError("train.device: cuda needs --gpus-per-node > 0")
+    if gpus > 0 and base.train.device == "cpu":
+        raise ConfigError(f"train.device: cpu with --gpus-per-node {gpus}; use --gpus-per-node 0 for a CPU job")
+    world = args.nodes * tasks
+    config_lib.validate_world(base, world)
+    output_dir = str(Path(base.output_dir).expanduser().absolute())
+    sweeps = parse_sweeps(args.sweep)
+    points = []
+    for index, (point_overrides, name) in enumerate(point_names(sweeps)):
+        out = str(Path(output_dir) / name) if name else output_dir
+        # the resolved, absolute output_dir replaces any output_dir override (jobs may start elsewhere)
+        full = [o for o in overrides if config_lib.parse_override(o)[0] != "output_dir"]
+        full = full + point_overrides + [f"output_dir={out}"]
+        try:
+            cfg = config_lib.load(config_path, full)
+            config_lib.validate_world(cfg, world)
+        except ConfigError as exc:
+            if point_overrides:
+                raise ConfigError(f"{exc} (sweep point {' '.join(point_overrides)})") from None
+            raise
+        argv = (["--config", config_path] if config_path else []) + full
+        points.append(Point(index, tuple(point_overrides), out, tuple(argv)))
+
+    if cluster == "slurm" and not args.dry_run and not slurm_available():
+        raise UsageError("SLURM commands (sbatch, srun, sinfo) not found; use --local or --dry-run")
+    if cluster == "slurm" and args.partition and slurm_available():
+        known = slurm_partitions()
+        if args.partition not in known:
+            raise UsageError(f"--partition: '{args.partition}' does not exist; available: {', '.join(known) or 'none'}")
+
+    log_dir = str(Path(args.log_dir).expanduser().absolute()) if args.log_dir else str(Path(output_dir) / "slurm")
+    return Plan(
+        cluster=cluster, output_dir=output_dir, log_dir=log_dir, nodes=args.nodes, tasks_per_node=tasks,
+        gpus_per_node=gpus, time_min=time_min, job_name=args.job_name or _slug(Path(output_dir).name),
+        points=tuple(points), partition=args.partition, account=args.account, qos=args.qos,
+        constraint=args.constraint, cpus_per_task=args.cpus_per_task, mem=args.mem, signal=args.signal,
+        signal_delay_s=args.signal_delay_s, max_timeouts=args.max_timeouts, sbatch_opts=sbatch_opts,
+        array_parallelism=args.array_parallelism, sweep_keys=tuple(k for k, _ in sweeps),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- executor
+def executor_parameters(plan: Plan) -> dict:
+    """AutoExecutor parameters (generic names, plus slurm_* ones) for the plan."""
+    params: dict[str, Any] = {
+        "name": plan.job_name, "timeout_min": plan.time_min, "nodes": plan.nodes,
+        "tasks_per_node": plan.tasks_per_node,
+    }
+    if plan.gpus_per_node > 0:
+        params["gpus_per_node"] = plan.gpus_per_node
+    if plan.cpus_per_task is not None:
+        params["cpus_per_task"] = plan.cpus_per_task
+    if plan.cluster == "slurm":
+        additional = {"requeue": True}
+        additional.update(dict(plan.sbatch_opts))
+        # submitit writes --signal=USR2@<delay>; this entry sets the signal we were asked for.
+        additional["signal"] = f"{plan.signal}@{plan.signal_delay_s}"
+        params.update(
+            slurm_signal_delay_s=plan.signal_delay_s,
+            slurm_srun_args=[KILL_ON_BAD_EXIT],
+            slurm_additional_parameters=additional,
+        )
+        if plan.signal != "USR2":  # submitit's own (pre-trainer) handler listens for the same signal
+            params["slurm_setup"] = [f"export SUBMITIT_PREEMPT_SIGNAL={plan.signal}"]
+        for key in ("partition", "account", "qos", "constraint", "mem"):
+            if getattr(plan, key) is not None:
+                params[f"slurm_{key}"] = getattr(plan, key)
+        if plan.array_parallelism is not None:
+            params["slurm_array_parallelism"] = plan.array_parallelism
+    return params
+
+
+class _SlurmOffline:
+    """Lets submitit build a SLURM executor (to render the sbatch script) where srun is not installed."""
+
+    def __enter__(self):
+        from submitit.slurm import slurm as submitit_slurm
+
+        self._cls = submitit_slurm.SlurmExecutor
+        self._saved = self._cls.__dict__["affinity"]
+        self._cls.affinity = classmethod(lambda cls: 2)
+        return self
+
+    def __exit__(self, *exc):
+        self._cls.affinity = self._saved
+        return False
+
+
+def make_executor(plan: Plan, offline: bool = False):
+    """A configured submitit AutoExecutor (cluster 'slurm' or 'local') writing into plan.log_dir."""
+    import submitit
+
+    kwargs = {f"{plan.cluster}_max_num_timeout": plan.max_timeouts}
+    if offline and plan.cluster == "slurm":
+        with _SlurmOffline():
+            executor = submitit.AutoExecutor(folder=plan.log_dir, cluster="slurm", **kwargs)
+    else:
+        Path(plan.log_dir).mkdir(parents=True, exist_ok=True)
+        executor = submitit.AutoExecutor(folder=plan.log_dir, cluster=plan.cluster, **kwargs)
+    executor.update_parameters(**executor_parameters(plan))
+    if plan.cluster == "local":
+        executor._executor.parameters["signal_delay_s"] = plan.signal_delay_s  # not settable via AutoExecutor
+    return executor
+
+
+def sbatch_script(plan: Plan) -> str:
+    """The sbatch script submitit would submit (a job array over the sweep points when there are several)."""
+    from submitit.slurm import slurm as submitit_slurm
+
+    executor = make_executor(plan, offline=True)._executor
+    params = dict(executor.parameters)
+    if len(plan.points) > 1:
+        params["map_count"] = len(plan.points)
+    return submitit_slurm._make_sbatch_string(command=executor._submitit_command_str, folder=executor.folder,
+                                              **params)
+
+
+# ---------------------------------------------------------------------------------------------------- the task
+def classify_stop(run_s: float, limit_s: float | None, signal_delay_s: int) -> str:
+    """'timeout' when the stop came within the warning window before the time limit, else 'preemption'."""
+    if not limit_s:
+        return "preemption"
+    return "timeout" if run_s >= limit_s - signal_delay_s - TIMEOUT_GRACE_S else "preemption"
+
+
+def _seconds(text: str) -> float | None:
+    """SLURM duration ([D-]HH:MM:SS, MM:SS) -> seconds; None for UNLIMITED and the like."""
+    m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", text.strip())
+    if not m:
+        return None
+    d, h, mi, s = (int(x or 0) for x in m.groups())
+    return d * 86400 + h * 3600 + mi * 60 + s
+
+
+def slurm_job_fields(job_id: str) -> dict:
+    """`scontrol show job -o ID` as a dict of its Key=Value fields (first record; {} when unavailable)."""
+    try:
+        res = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], check=False, capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    if res.returncode != 0 or not res.stdout.strip():
+        return {}
+    line = res.stdout.strip().splitlines()[0]
+    return dict(re.findall(r"(\w+)=(\S*)", line))
+
+
+def count_timeouts(records: list[dict]) -> int:
+    return sum(1 for r in records if r.get("reason") == "timeout")
+
+
+def read_records(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def _log(message: str) -> None:
+    print(f"[ddp_resnet.slurm] {message}", file=sys.stderr, flush=True)
+
+
+class TrainTask:
+    """The function every task runs: ddp_resnet.train.main(argv), then requeue on EXIT_STOPPED (rank 0).
+
+    Defines ``checkpoint`` so that submitit's own signal handler, active only until the trainer installs its
+    handlers, requeues the job as well (nothing to save yet: the restart resumes from the last checkpoint).
+    """
+
+    def __init__(self, argv: Sequence[str], cluster: str, time_limit_s: int, signal_delay_s: int,
+                 max_timeouts: int, state_dir: str) -> None:
+        self.argv = list(argv)
+        self.cluster = cluster
+        self.time_limit_s = time_limit_s
+        self.signal_delay_s = signal_delay_s
+        self.max_timeouts = max_timeouts
+        self.state_dir = state_dir
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self, *args, **kwargs)
+
+    # -- environment
+    def _prepare_env(self, job_env) -> None:
+        env = os.environ
+        if self.cluster == "local":  # submitit's local executor: set torchrun-style variables ourselves
+            from ddp_resnet.distributed import slurm_port
+
+            env["RANK"] = str(job_env.global_rank)
+            env["WORLD_SIZE"] = str(job_env.num_tasks)
+            env["LOCAL_RANK"] = str(job_env.local_rank)
+            env["LOCAL_WORLD_SIZE"] = str(job_env.num_tasks)
+            env["MASTER_ADDR"] = "127.0.0.1"
+            env["MASTER_PORT"] = str(slurm_port(str(job_env.job_id)))
+            threads = max(1, (os.cpu_count() or 1) // max(1, job_env.num_tasks))
+        else:  # srun: distributed.read_env reads SLURM_PROCID & co.; drop inherited torchrun variables
+            for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
+                        "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+                env.pop(key, None)
+            threads = int(env.get("SLURM_CPUS_PER_TASK", "1") or 1)
+        env.setdefault("OMP_NUM_THREADS", str(threads))
+
+    def __call__(self) -> dict:
+        started = time.time()
+        import submitit
+
+        job_env = submitit.JobEnvironment()
+        self._prepare_env(job_env)
+        rank = job_env.global_rank
+        from ddp_resnet import train
+
+        stopped = getattr(train, "EXIT_STOPPED", EXIT_STOPPED)
+        try:
+            rc = train.main(list(self.argv))
+        except SystemExit as exc:  # a trainer that exits instead of returning
+            rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        rc = 0 if rc is None else int(rc)
+        if rc == 0:
+            return {"rank": rank, "exit_code": 0, "job_id": job_env.job_id, "argv": self.argv}
+        if rc != stopped:
+            # Raising makes submitit record the error; the non-zero exit makes srun kill the other ranks.
+            raise RuntimeError(f"ddp_resnet.train exited with code {rc} on rank {rank} (job {job_env.job_id})")
+        # EXIT_STOPPED: the checkpoint is on disk. Ignore further stop signals while deciding (a requeue
+        # terminates this job step anyway).
+        for sig in (signal.SIGUSR2, signal.SIGTERM):
+            signal.signal(sig, lambda *_: None)
+        if rank != 0:
+            raise SystemExit(0)  # exit 0: a non-zero exit here would make srun kill rank 0 before it requeues
+        self._requeue_or_fail(job_env, started)
+        raise AssertionError("unreachable")
+
+    def _requeue_or_fail(self, job_env, started: float) -> None:
+        job_id = str(job_env.job_id)
+        run_s, limit_s = time.time() - started, float(self.time_limit_s)
+        state = "RUNNING"
+        if self.cluster == "slurm":
+            fields = slurm_job_fields(os.environ.get("SLURM_JOB_ID", job_id))
+            run = _seconds(fields.get("RunTime", ""))
+            run_s = max(run_s, run or 0.0)  # the job started a little before this task
+            if "TimeLimit" in fields:
+                limit_s = _seconds(fields["TimeLimit"]) or 0.0  # UNLIMITED: never a time-out
+            state = fields.get("JobState", "RUNNING")
+        reason = classify_stop(run_s, limit_s, self.signal_delay_s)
+        path = Path(self.state_dir) / f"{job_id}_requeues.jsonl"
+        records = read_records(path)
+        timeouts = count_timeouts(records) + (reason == "timeout")
+        requeue = reason == "preemption" or timeouts <= self.max_timeouts
+        record = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "job_id": job_id, "host": socket.gethostname(),
+            "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0), "reason": reason,
+            "run_s": round(run_s, 1), "limit_s": limit_s, "timeouts": timeouts, "max_timeouts": self.max_timeouts,
+            "requeue": requeue,
+        }
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            _log(f"could not record the requeue decision in {path}: {exc}")
+        if not requeue:
+            raise RuntimeError(
+                f"stopped at the time limit {timeouts} time(s) (--max-timeouts {self.max_timeouts}); not requeued."
+                " The last checkpoint is in place: submit the same command again to continue."
+            )
+        _log(f"stopped ({reason}, ran {run_s:.0f}s of {limit_s:.0f}s, time-outs {timeouts}/{self.max_timeouts});"
+             f" requeueing job {job_id}")
+        if self.cluster == "local":
+            raise SystemExit(LOCAL_REQUEUE_EXIT)
+        if state != "RUNNING":  # the scheduler is already requeueing (or ending) the job, e.g. a preemption
+            _log(f"job {job_id} is already {state}; leaving it to the scheduler, exiting with {EXIT_STOPPED}")
+            raise SystemExit(EXIT_STOPPED)
+        try:
+            res = subprocess.run(["scontrol", "requeue", job_id], check=False, capture_output=True, text=True,
+                                 timeout=60)
+            ok, detail = res.returncode == 0, (res.stderr or res.stdout).strip()
+        except (OSError, subprocess.SubprocessError) as exc:
+            ok, detail = False, str(exc)
+        if not ok:  # e.g. the scheduler is already requeueing a preempted job
+            _log(f"scontrol requeue {job_id} failed: {detail}; exiting with {EXIT_STOPPED}")
+            raise SystemExit(EXIT_STOPPED)
+        raise SystemExit(0)
+
+
+# ---------------------------------------------------------------------------------------------------- submit
+@dataclass
+class Submitted:
+    point: Point
+    job_id: str
+    stdout: str
+    stderr: str
+    job: Any = dataclasses.field(default=None, repr=False)
+
+
+def submit(plan: Plan) -> list[Submitted]:
+    """Submit the plan (one job, or one array over the sweep points) and return what was submitted."""
+    executor = make_executor(plan)
+    tasks = [
+        TrainTask(p.argv, plan.cluster, plan.time_min * 60, plan.signal_delay_s, plan.max_timeouts, plan.log_dir)
+        for p in plan.points
+    ]
+    if len(tasks) == 1:
+        jobs = [executor.submit(tasks[0])]
+    else:
+        jobs = []
+        with executor.batch():
+            for task in tasks:
+                jobs.append(executor.submit(task))
+    return [Submitted(p, str(j.job_id), str(j.paths.stdout), str(j.paths.stderr), j)
+            for p, j in zip(plan.points, jobs)]
+
+
+def job_state(sub: Submitted, cluster: str) -> str:
+    """Current state: SLURM's JobState (scontrol, then sacct) or, locally, from submitit's result files."""
+    if cluster == "slurm":
+        state = slurm_job_fields(sub.job_id).get("JobState", "")
+        if state:
+            return state
+        try:
+            res = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", sub.job_id], check=False,
+                                 capture_output=True, text=True, timeout=30)
+            if res.returncode == 0 and res.stdout.strip():
+                return res.stdout.split()[0]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    if sub.job is not None and sub.job.done():
+        try:
+            sub.job.results()
+            return "COMPLETED"
+        except Exception:  # noqa: BLE001 - any failure of the job
+            return "FAILED"
+    return "RUNNING" if cluster == "local" else "UNKNOWN"
+
+
+def wait(subs: list[Submitted], cluster: str, poll_s: float = 2.0, timeout_s: float | None = None) -> dict:
+    """Block until every job reaches a terminal state; return {job_id: state}."""
+    deadline = None if timeout_s is None else time.time() + timeout_s
+    states: dict[str, str] = {}
+    pending = list(subs)
+    while pending:
+        for sub in list(pending):
+            state = job_state(sub, cluster)
+            states[sub.job_id] = state
+            if state.split()[0] in TERMINAL_STATES:
+                pending.remove(sub)
+        if pending:
+            if deadline is not None and time.time() > deadline:
+                break
+            time.sleep(poll_s)
+    return states
+
+
+# ---------------------------------------------------------------------------------------------------- output
+def format_table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def describe(plan: Plan) -> str:
+    where = "this machine (submitit local executor)" if plan.cluster == "local" else (
+        f"partition {plan.partition}" if plan.partition else "the default partition")
+    kind = f"{plan.gpus_per_node} GPU(s)/node" if plan.gpus_per_node else "CPU, gloo"
+    return (f"{len(plan.points)} job(s) on {where}: {plan.nodes} node(s) x {plan.tasks_per_node} task(s) "
+            f"({kind}), world size {plan.world_size}, time {plan.time_min} min, {plan.signal} "
+            f"{plan.signal_delay_s}s before the limit, max {plan.max_timeouts} time-out requeue(s)")
+
+
+def print_submitted(plan: Plan, subs: list[Submitted]) -> None:
+    print(describe(plan))
+    if len(subs) == 1 and not plan.sweep_keys:
+        s = subs[0]
+        print(f"job id:     {s.job_id}")
+        print(f"output dir: {s.point.output_dir}")
+        print(f"stdout:     {s.stdout}")
+        print(f"stderr:     {s.stderr}")
+    else:
+        rows = [["job_id", "overrides", "output_dir"]]
+        rows += [[s.job_id, " ".join(s.point.overrides), s.point.output_dir] for s in subs]
+        print(format_table(rows))
+        print(f"logs:       {plan.log_dir}/<job_id>_<task>_log.out|err")
+    sys.stdout.flush()
+
+
+def write_sweep_index(plan: Plan, subs: list[Submitted]) -> None:
+    """<output_dir>/sweep.json: job id, overrides and directory of every sweep point."""
+    if not plan.sweep_keys:
+        return
+    rows = [{"index": s.point.index, "job_id": s.job_id, "overrides": list(s.point.overrides),
+             "output_dir": s.point.output_dir} for s in subs]
+    path = Path(plan.output_dir) / "sweep.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"keys": list(plan.sweep_keys), "jobs": rows}, indent=1) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Validate, then submit (or print with --dry-run, or run locally with --local). Returns an exit code."""
+    try:
+        args = parse_args(argv)
+        plan = make_plan(args)
+    except (UsageError, ConfigError) as exc:
+        print(f"ddp_resnet.slurm: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.dry_run:
+        if plan.cluster == "slurm":
+            print(sbatch_script(plan))
+        print("# " + describe(plan))
+        rows = [["#", "overrides", "output_dir"]] + [
+            [str(p.index), " ".join(p.overrides) or "-", p.output_dir] for p in plan.points]
+        print("\n".join("# " + line for line in format_table(rows).splitlines()))
+        print("# task command: python -m ddp_resnet.train " + shlex.join(plan.points[0].argv))
+        print("# dry run: nothing submitted")
+        return EXIT_OK
+    try:
+        subs = submit(plan)
+    except Exception as exc:  # noqa: BLE001 - sbatch errors come back as exceptions from submitit
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+        print(f"ddp_resnet.slurm: error: submission failed: {first}", file=sys.stderr)
+        return 1
+    write_sweep_index(plan, subs)
+    print_submitted(plan, subs)
+    if not args.wait:
+        return EXIT_OK
+    states = wait(subs, plan.cluster)
+    rows = [["job_id", "state"]] + [[k, v] for k, v in states.items()]
+    print(format_table(rows), flush=True)
+    return EXIT_OK if all(v.split()[0] == "COMPLETED" for v in states.values()) else 1
+
+
+def cli() -> None:
+    """Console entry point (ddp-resnet-slurm)."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()
