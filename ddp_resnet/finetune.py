@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ddp_resnet.config import ConfigError, FinetuneConfig
@@ -15,11 +16,31 @@ from ddp_resnet.config import ConfigError, FinetuneConfig
 HEAD = "fc"
 
 
-class _FrozenBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """A BatchNorm that always normalises with its running statistics and never updates them."""
+class FrozenBatchNorm(nn.Module):
+    """A BatchNorm with fixed statistics and fixed affine terms: it always normalises with its running statistics.
 
-    def train(self, mode: bool = True):
-        return super().train(False)
+    Everything is a buffer (state_dict keys as in ``nn.BatchNorm*d``, so checkpoints load into the plain model),
+    and it is deliberately not a ``_BatchNorm`` subclass: ``train.sync_bn`` (torch's or the CPU SyncBatchNorm
+    conversion) leaves it alone instead of replacing it with a BatchNorm that updates its statistics again.
+    """
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        self.num_features, self.eps = bn.num_features, bn.eps
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            value = getattr(bn, name, None)
+            if value is not None:
+                self.register_buffer(name, value.detach().clone())
+            else:
+                setattr(self, name, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.running_mean is None:  # a BatchNorm built without running statistics: batch statistics
+            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
 
 
 def read_weights(path: str | Path) -> dict:
@@ -57,14 +78,19 @@ def load_backbone(model: nn.Module, state: dict) -> list[str]:
 
 
 def freeze_backbone(model: nn.Module) -> None:
-    """Only the head trains: backbone parameters stop requiring grad, backbone BatchNorms stay in eval mode."""
+    """Only the head trains: backbone parameters stop requiring grad, backbone BatchNorms become FrozenBatchNorm."""
+    frozen_bns = []
     for name, module in model.named_modules():
         if name == HEAD or name.startswith(HEAD + "."):
             continue
         for param in module.parameters(recurse=False):
             param.requires_grad_(False)
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.__class__ = type(f"Frozen{type(module).__name__}", (_FrozenBatchNorm, type(module)), {})
+        if name and isinstance(module, nn.modules.batchnorm._BatchNorm):
+            frozen_bns.append(name)
+    for name in frozen_bns:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, FrozenBatchNorm(getattr(parent, child)))
 
 
 def prepare(model: nn.Module, fcfg: FinetuneConfig, num_classes: int) -> nn.Module:

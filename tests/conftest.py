@@ -73,6 +73,15 @@ def ok(proc: subprocess.CompletedProcess, code: int = 0) -> subprocess.Completed
     return proc
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process torch work on one intra-op thread, like the child runs: the CI machine has 2 shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny() -> list[str]:
     """The tiny run's overrides."""

@@ -30,15 +30,6 @@ LINE = re.compile(r"^(ours|torchvision)\s*: ([\d.]+) images/s median \(min ([\d.
                   re.MULTILINE)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread, like the subprocess runs (child_env): no oversubscription on a shared CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _figures(text: str) -> dict:
     found = {m[1]: m for m in LINE.finditer(text)}
     assert found, text

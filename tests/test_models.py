@@ -69,15 +69,6 @@ def _forward(model: nn.Module, size: int, batch: int = 1) -> torch.Tensor:
     return model(torch.randn(batch, 3, size, size))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: the machine's 2 cores are shared, and oversubscribed OpenMP spins badly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module", params=sorted(EXPECTED_NAMES))
 def named_model(request: pytest.FixtureRequest) -> tuple[str, nn.Module]:
     """Each registered model, built once with its natural stem, in eval mode."""
@@ -315,7 +306,8 @@ def test_summary_cli_resnet50() -> None:
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "ddp_resnet.models", "resnet50", "--stem", "imagenet",
-                           "--input", "224"], check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+                           "--input", "224"], check=False, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0, proc.stderr
     for stage in ("stem", "layer1", "layer2", "layer3", "layer4", "head"):
         assert re.search(rf"^{stage}\s+[\d,]+\s+[\d,]+", proc.stdout, re.MULTILINE), stage
