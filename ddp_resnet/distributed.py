@@ -31,6 +31,8 @@ class LaunchInfo:
     master_addr: str = ""
     master_port: int = 0
     node_id: int = 0
+    restart_count: int = 0  # torchrun: how many times the workers were restarted
+    agent_store: bool = False  # torchrun: its agent serves the TCPStore at master_addr:master_port
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,8 @@ def read_env(environ: dict | None = None) -> LaunchInfo:
             local_world_size=int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])), launcher="torchrun",
             master_addr=env.get("MASTER_ADDR", ""), master_port=int(env.get("MASTER_PORT", 0) or 0),
             node_id=int(env.get("GROUP_RANK", 0) or 0),
+            restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", 0) or 0),
+            agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
         )
     # srun sets SLURM_STEP_NUM_TASKS for the tasks it starts; a batch script's own shell has no step tasks.
     if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
@@ -152,8 +156,16 @@ def init(device: str = "auto", backend: str = "auto", timeout_s: int = 300,
     kwargs = {}
     if chosen == "nccl":
         kwargs["device_id"] = dev
-    dist.init_process_group(chosen, init_method="env://", rank=launch.rank, world_size=launch.world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if launch.agent_store:
+        # torchrun keeps one store across worker restarts; without a per-attempt namespace the restarted ranks
+        # can read the dead ranks' addresses and fail to connect ("Connection refused").
+        base = dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size, is_master=False,
+                             timeout=timeout)
+        kwargs["store"] = dist.PrefixStore(f"ddp_resnet/attempt_{launch.restart_count}/", base)
+    else:
+        kwargs["init_method"] = "env://"
+    dist.init_process_group(chosen, rank=launch.rank, world_size=launch.world_size, timeout=timeout, **kwargs)
     return DistEnv(launch.rank, launch.world_size, launch.local_rank, dev, chosen, launch.launcher)
 
 
