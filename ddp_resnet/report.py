@@ -377,10 +377,23 @@ def load_model(checkpoint: Path, overrides: list[str] | tuple = (), device: str 
     return model.to(device).eval(), cfg, info
 
 
+def _spread_over_classes(items: list, count: int) -> list:
+    """Up to count items, taking the true classes in turn (test sets are often ordered by class)."""
+    by_class: dict = {}
+    for item in items:
+        by_class.setdefault(item[1], []).append(item)
+    chosen: list = []
+    while len(chosen) < count and any(by_class.values()):
+        for label in sorted(by_class):
+            if by_class[label] and len(chosen) < count:
+                chosen.append(by_class[label].pop(0))
+    return chosen
+
+
 @torch.no_grad()
 def predict_samples(checkpoint: Path, overrides: list[str] | tuple = (), num_images: int = 16,
                     device: str = "cpu") -> dict:
-    """Up to num_images test images, about half predicted correctly and half incorrectly (in test-set order).
+    """Up to num_images test images, about half predicted correctly and half incorrectly, spread over classes.
 
     Returns images (N x H x W x C in [0, 1], un-normalized), labels, preds, class_names and the counts scanned.
     """
@@ -392,16 +405,21 @@ def predict_samples(checkpoint: Path, overrides: list[str] | tuple = (), num_ima
                                              "eval_batch_size": max(num_images, 64)}).data
     loader = data_mod.build_eval_loader(data_cfg, info, 0, 1, device)
     want_wrong = num_images // 2
+    want_classes = [min(info.num_classes, num_images - want_wrong), min(info.num_classes, want_wrong)]
     right, wrong, scanned = [], [], 0
-    for images, labels in loader:
+    stride = max(1, len(loader) // 16)  # look at batches from the whole test set (often ordered by class)
+    for index, (images, labels) in enumerate(loader):
+        if index % stride:
+            continue
         preds = model(images).argmax(1)
         for img, y, p in zip(images, labels.tolist(), preds.tolist()):
             (right if y == p else wrong).append((img, y, p))
         scanned += labels.shape[0]
-        if (len(wrong) >= want_wrong and len(right) >= num_images - want_wrong) or scanned >= SCAN_LIMIT:
+        if (len({y for _, y, _ in right}) >= want_classes[0] and len({y for _, y, _ in wrong}) >= want_classes[1]
+                and len(wrong) >= want_wrong) or scanned >= SCAN_LIMIT:
             break
-    wrong = wrong[:want_wrong]
-    chosen = right[:num_images - len(wrong)] + wrong
+    wrong = _spread_over_classes(wrong, want_wrong)
+    chosen = _spread_over_classes(right, num_images - len(wrong)) + wrong
     chosen = chosen[:num_images]
     if not chosen:
         raise ReportError("the test set is empty")

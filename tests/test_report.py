@@ -97,3 +97,11 @@ def test_unnormalize_inverts_the_loaders_normalization():
     shown = report.unnormalize(Normalizer(CIFAR10_MEAN, CIFAR10_STD)(raw), CIFAR10_MEAN, CIFAR10_STD)
     assert shown.shape == (2, 5, 5, 3)
     torch.testing.assert_close(shown, raw.permute(0, 2, 3, 1).float() / 255, atol=1e-5, rtol=0)
+
+
+def test_prediction_grid_takes_the_classes_in_turn():
+    from ddp_resnet.report import _spread_over_classes
+
+    items = [(None, label, label) for label in [0] * 5 + [1] * 5 + [2] * 2]
+    assert [y for _, y, _ in _spread_over_classes(items, 7)] == [0, 1, 2, 0, 1, 2, 0]
+    assert len(_spread_over_classes(items, 50)) == 12
