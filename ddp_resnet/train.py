@@ -43,6 +43,8 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_STOPPED = 0, 1, 2, 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 # Test hook: "RANK:STEP" makes that rank raise at that global step (proves a failing rank ends the job).
 _FAIL_ENV = "DDP_RESNET_TEST_FAIL_AT"
+# Test hook: seconds to sleep after every step, so tests can signal or kill a run reliably mid-training.
+_STEP_DELAY_ENV = "DDP_RESNET_TEST_STEP_DELAY_S"
 
 
 # --------------------------------------------------------------------------------------------- the CLI
@@ -346,6 +348,7 @@ class Trainer:
         self.epoch_train_time = 0.0
         self.best = {"metric": "test_acc", "value": None, "epoch": None, "history": []}
         self.fail_at = self._fail_hook()
+        self.step_delay = float(os.environ.get(_STEP_DELAY_ENV, "0") or 0)
 
     def _adopt(self, parts: StepParts) -> None:
         """Take the step's modules (again after a compile fallback)."""
@@ -521,6 +524,8 @@ class Trainer:
                     first_step = False
                     self.epoch_acc += self._first_step(micro) if first else self.stepper.step(micro, self.step)
                     self.step += 1
+                    if self.step_delay:
+                        time.sleep(self.step_delay)
                     if self.step % cfg.train.log_every == 0:
                         log(env, f"  step {self.step}/{self.total_steps} lr {self.scheduler.get_last_lr()[0]:.4g}")
                     stopping = stop.agreed(env, self.control)

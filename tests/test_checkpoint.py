@@ -143,6 +143,9 @@ def test_export_writes_plain_weights_for_ours_and_torchvision(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- faults
+SLOW_STEPS = {"DDP_RESNET_TEST_STEP_DELAY_S": "0.2"}  # the run cannot finish before the test signals it
+
+
 def _start(out: Path, *overrides: str, nproc: int, env: dict | None = None, max_restarts: int = 0):
     args = train_cmd(nproc, max_restarts) + TINY + [f"output_dir={out}", "train.log_every=1", *overrides]
     return subprocess.Popen(args, cwd=REPO, env=child_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -177,7 +180,7 @@ def _rank_pid(launcher_pid: int, rank: int) -> int:
 
 def test_sigusr2_single_process_checkpoints_and_exits_75(tmp_path):
     out = tmp_path / "run"
-    proc = _start(out, "train.epochs=40", nproc=1)
+    proc = _start(out, "train.epochs=40", nproc=1, env=SLOW_STEPS)
     _wait_for(lambda: _step_of(out / "checkpoints/last.pt") >= 4, 120, "first epoch checkpoint")
     proc.send_signal(signal.SIGUSR2)
     stdout, stderr = proc.communicate(timeout=60)
@@ -188,7 +191,7 @@ def test_sigusr2_single_process_checkpoints_and_exits_75(tmp_path):
 def test_sigterm_to_one_rank_stops_all_ranks_with_a_checkpoint_and_resume_is_exact(tmp_path):
     common = ["train.epochs=10"]
     stopped, full = tmp_path / "stopped", tmp_path / "full"
-    proc = _start(stopped, *common, nproc=2)
+    proc = _start(stopped, *common, nproc=2, env=SLOW_STEPS)
     _wait_for(lambda: _step_of(stopped / "checkpoints/last.pt") >= 4, 120, "first checkpoint")
     os.kill(_rank_pid(proc.pid, 1), signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
@@ -204,7 +207,7 @@ def test_sigterm_to_one_rank_stops_all_ranks_with_a_checkpoint_and_resume_is_exa
 def test_kill_9_under_torchrun_restart_resumes_to_identical_weights(tmp_path):
     common = ["train.epochs=10", "ckpt.every_steps=2"]
     killed, full = tmp_path / "killed", tmp_path / "full"
-    proc = _start(killed, *common, nproc=2, max_restarts=1)
+    proc = _start(killed, *common, nproc=2, max_restarts=1, env=SLOW_STEPS)
     _wait_for(lambda: _step_of(killed / "checkpoints/last.pt") >= 7, 120, "a mid-run checkpoint")
     os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
     stdout, stderr = proc.communicate(timeout=300)

@@ -103,7 +103,8 @@ def assert_same_weights(out: Path, reference_out: Path) -> None:
 def test_preempted_job_requeues_and_resumes_exactly(reference, tmp_path, how):
     """usr2: the warning signal (--signal) -> rank 0 requeues. scontrol_requeue: the scheduler requeues (SIGTERM)."""
     out = tmp_path / how
-    res = launch(f"output_dir={out}", f"train.epochs={EPOCHS}", *CPU_JOB)
+    # slowed steps: the job cannot finish before the signal arrives, however idle the machine is
+    res = launch(f"output_dir={out}", f"train.epochs={EPOCHS}", *CPU_JOB, env={"DDP_RESNET_TEST_STEP_DELAY_S": "0.3"})
     assert res.returncode == 0, res.stderr
     (job_id,) = sc.job_ids(res.stdout)
     try:

@@ -130,7 +130,8 @@ def test_a_second_job_on_the_same_output_dir_is_refused_while_the_first_runs(tmp
 
     out = tmp_path / "shared"
     first = subprocess.Popen([sys.executable, "-m", "ddp_resnet.train", *TINY, f"output_dir={out}", "train.epochs=30"],
-                             cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             cwd=REPO, env=child_env({"DDP_RESNET_TEST_STEP_DELAY_S": "0.5"}),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (out / "config.yaml").is_file() and time.time() < deadline:
         time.sleep(0.1)
