@@ -622,10 +622,7 @@ def main(argv: list[str] | None = None) -> int:
         needs_plots = experiment.analysis != "depth_table"
         if needs_plots and not args.dry_run and not (args.slurm and experiment.trains):
             plots.require_matplotlib()  # before hours of training, not after
-    except plots.MissingMatplotlib as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (UsageError, ConfigError) as exc:
+    except (plots.MissingMatplotlib, UsageError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
@@ -667,10 +664,7 @@ def main(argv: list[str] | None = None) -> int:
             return code
     try:
         paths = analyze(plan)
-    except plots.MissingMatplotlib as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (UsageError, ConfigError) as exc:
+    except (plots.MissingMatplotlib, UsageError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     print(f"[{experiment.name}] wrote {', '.join(str(p) for p in paths)}", flush=True)

@@ -506,10 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.images < 1:
             raise ReportError(f"--images: must be > 0, got {args.images}")
         written = make_report(args.run_dir, args.out, args.overrides, args.images, args.device)
-    except plots.MissingMatplotlib as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (ReportError, ConfigError) as exc:
+    except (plots.MissingMatplotlib, ReportError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     out = Path(written["summary.md"]).parent
