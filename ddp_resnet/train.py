@@ -63,11 +63,19 @@ def log(env, message: str) -> None:
 
 
 class StopFlag:
-    """Records SIGTERM/SIGUSR2; ranks agree on stopping with a collective at a step boundary."""
+    """Records SIGTERM/SIGUSR2; ranks agree on stopping with a collective at a step boundary.
+
+    With several processes the agreement is pipelined: each step boundary starts an asynchronous all-reduce of
+    the local flags (on the CPU gloo control group) and reads the one started a step earlier, so the step never
+    waits for a network round trip. Every rank reads the same round, so all stop at the same step, one step
+    after the signal's round was sent.
+    """
 
     def __init__(self):
         self.signum = 0
         self._previous = {}
+        self._pending = None
+        self._votes = torch.zeros(1)
         for sig in STOP_SIGNALS:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -83,12 +91,22 @@ class StopFlag:
             signal.signal(sig, handler)
 
     def agreed(self, env, group) -> bool:
-        """True on every rank when any rank got a stop signal (a collective)."""
+        """True on every rank, at the same step, once any rank got a stop signal (a collective)."""
         if not env.distributed:
             return self.signum != 0
-        flag = torch.tensor([float(self.signum != 0)])
-        dist.all_reduce(flag, group=group)
-        return bool(flag.item() > 0)
+        decided = False
+        if self._pending is not None:
+            self._pending.wait()
+            decided = bool(self._votes.item() > 0)
+        self._votes = torch.tensor([float(self.signum != 0)])
+        self._pending = dist.all_reduce(self._votes, group=group, async_op=True)
+        return decided
+
+    def drain(self) -> None:
+        """Complete the round in flight (every rank started it) before the group is used for other work."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.wait()
 
 
 # ---------------------------------------------------------------------------------------- resume planning
@@ -497,71 +515,77 @@ class Trainer:
 
     def fit(self) -> int:
         """Train until the schedule ends, `run_steps` is reached, or a stop signal arrives."""
-        env, cfg = self.env, self.cfg
         stop = StopFlag()
-        writer = MetricsWriter(self.out, env, keep_epochs_below=self.step // self.steps_per_epoch)
+        writer = MetricsWriter(self.out, self.env, keep_epochs_below=self.step // self.steps_per_epoch)
+        try:
+            code = self._fit(stop, writer)
+            stop.drain()
+            return code
+        finally:
+            stop.restore()
+            writer.close()
+
+    def _fit(self, stop: StopFlag, writer: MetricsWriter) -> int:
+        """The training loop; returns the exit code."""
+        env, cfg = self.env, self.cfg
         run_start = time.time()
         start_step = self.step
         budget_end = self.step + cfg.train.run_steps if cfg.train.run_steps else self.total_steps
         first_step = True
-        try:
-            while self.step < self.total_steps:
-                epoch, pos = divmod(self.step, self.steps_per_epoch)
-                epoch_end = min((epoch + 1) * self.steps_per_epoch, self.total_steps)
-                if pos == 0:
-                    self.epoch_acc.zero_()
-                    self.epoch_train_time = 0.0
-                self.train_loader.set_epoch(epoch, start_batch=pos * self.accum)
-                batches = iter(self.train_loader)
-                self.bare.train()
-                tick = time.time()
-                stopping = False
-                while self.step < epoch_end:
-                    micro = [next(batches) for _ in range(self.accum)]
-                    if self.fail_at is not None and self.step == self.fail_at:
-                        raise RuntimeError(f"injected failure on rank {env.rank} at step {self.step}")
-                    first = first_step
-                    first_step = False
-                    self.epoch_acc += self._first_step(micro) if first else self.stepper.step(micro, self.step)
-                    self.step += 1
-                    if self.step_delay:
-                        time.sleep(self.step_delay)
-                    if self.step % cfg.train.log_every == 0:
-                        log(env, f"  step {self.step}/{self.total_steps} lr {self.scheduler.get_last_lr()[0]:.4g}")
-                    stopping = stop.agreed(env, self.control)
-                    if self.step == epoch_end:
-                        break
-                    if stopping or self.step >= budget_end or (
-                            cfg.ckpt.every_steps and self.step % cfg.ckpt.every_steps == 0):
-                        self.epoch_train_time += time.time() - tick
-                        tick = time.time()
-                        self.save()
-                        if stopping:
-                            log(env, f"stop signal: checkpoint written at step {self.step}; exiting with "
-                                     f"{EXIT_STOPPED} so the job can be resumed")
-                            return EXIT_STOPPED
-                        if self.step >= budget_end:
-                            log(env, f"train.run_steps={cfg.train.run_steps} reached at step {self.step}; "
-                                     f"checkpoint written")
-                            return EXIT_OK
-                del batches
-                self.epoch_train_time += time.time() - tick
-                is_best = self._end_epoch(epoch, writer, run_start)
-                self.save(epoch_done=epoch if self.step % self.steps_per_epoch == 0 else None, is_best=is_best)
-                if stopping:
-                    log(env, f"stop signal: checkpoint written at step {self.step}; exiting with {EXIT_STOPPED}")
-                    return EXIT_STOPPED
-                if self.step >= budget_end and self.step < self.total_steps:
-                    log(env, f"train.run_steps={cfg.train.run_steps} reached at step {self.step}; checkpoint written")
-                    return EXIT_OK
-            trained = self.step - start_step
-            log(env, f"done: {self.total_steps} steps, best test_acc {self.best['value']:.2f}% at epoch "
-                     f"{(self.best['epoch'] or 0) + 1} ({trained} steps in {_fmt_time(time.time() - run_start)})"
-                if self.best["value"] is not None else f"done: {self.total_steps} steps")
-            return EXIT_OK
-        finally:
-            stop.restore()
-            writer.close()
+        while self.step < self.total_steps:
+            epoch, pos = divmod(self.step, self.steps_per_epoch)
+            epoch_end = min((epoch + 1) * self.steps_per_epoch, self.total_steps)
+            if pos == 0:
+                self.epoch_acc.zero_()
+                self.epoch_train_time = 0.0
+            self.train_loader.set_epoch(epoch, start_batch=pos * self.accum)
+            batches = iter(self.train_loader)
+            self.bare.train()
+            tick = time.time()
+            stopping = False
+            while self.step < epoch_end:
+                micro = [next(batches) for _ in range(self.accum)]
+                if self.fail_at is not None and self.step == self.fail_at:
+                    raise RuntimeError(f"injected failure on rank {env.rank} at step {self.step}")
+                first = first_step
+                first_step = False
+                self.epoch_acc += self._first_step(micro) if first else self.stepper.step(micro, self.step)
+                self.step += 1
+                if self.step_delay:
+                    time.sleep(self.step_delay)
+                if self.step % cfg.train.log_every == 0:
+                    log(env, f"  step {self.step}/{self.total_steps} lr {self.scheduler.get_last_lr()[0]:.4g}")
+                stopping = stop.agreed(env, self.control)
+                if self.step == epoch_end:
+                    break
+                if stopping or self.step >= budget_end or (
+                        cfg.ckpt.every_steps and self.step % cfg.ckpt.every_steps == 0):
+                    self.epoch_train_time += time.time() - tick
+                    tick = time.time()
+                    self.save()
+                    if stopping:
+                        log(env, f"stop signal: checkpoint written at step {self.step}; exiting with "
+                                 f"{EXIT_STOPPED} so the job can be resumed")
+                        return EXIT_STOPPED
+                    if self.step >= budget_end:
+                        log(env, f"train.run_steps={cfg.train.run_steps} reached at step {self.step}; "
+                                 f"checkpoint written")
+                        return EXIT_OK
+            del batches
+            self.epoch_train_time += time.time() - tick
+            is_best = self._end_epoch(epoch, writer, run_start)
+            self.save(epoch_done=epoch if self.step % self.steps_per_epoch == 0 else None, is_best=is_best)
+            if stopping:
+                log(env, f"stop signal: checkpoint written at step {self.step}; exiting with {EXIT_STOPPED}")
+                return EXIT_STOPPED
+            if self.step >= budget_end and self.step < self.total_steps:
+                log(env, f"train.run_steps={cfg.train.run_steps} reached at step {self.step}; checkpoint written")
+                return EXIT_OK
+        trained = self.step - start_step
+        log(env, f"done: {self.total_steps} steps, best test_acc {self.best['value']:.2f}% at epoch "
+                 f"{(self.best['epoch'] or 0) + 1} ({trained} steps in {_fmt_time(time.time() - run_start)})"
+            if self.best["value"] is not None else f"done: {self.total_steps} steps")
+        return EXIT_OK
 
 
 def run(plan: Plan, env: distributed.DistEnv) -> int:
