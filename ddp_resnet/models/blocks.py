@@ -151,28 +151,24 @@ class SqueezeExcitation(nn.Module):
         return x * self.gate(self.expand(self.relu(self.reduce(self.pool(x)))))
 
 
-class SEBasicBlock(BasicBlock):
+class _SqueezeExcited:
+    """Mixin: the block's residual branch is rescaled by squeeze-excitation before the addition."""
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 groups: int = 1, base_width: int = 64, reduction: int = 16) -> None:
+        super().__init__(inplanes, planes, stride, downsample, groups, base_width)
+        self.se = SqueezeExcitation(planes * self.expansion, reduction)
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.se(super().branch(x))
+
+
+class SEBasicBlock(_SqueezeExcited, BasicBlock):
     """BasicBlock whose residual branch is rescaled by squeeze-excitation before the addition."""
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
-                 groups: int = 1, base_width: int = 64, reduction: int = 16) -> None:
-        super().__init__(inplanes, planes, stride, downsample, groups, base_width)
-        self.se = SqueezeExcitation(planes * self.expansion, reduction)
 
-    def branch(self, x: torch.Tensor) -> torch.Tensor:
-        return self.se(super().branch(x))
-
-
-class SEBottleneck(Bottleneck):
+class SEBottleneck(_SqueezeExcited, Bottleneck):
     """Bottleneck whose residual branch is rescaled by squeeze-excitation before the addition."""
-
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
-                 groups: int = 1, base_width: int = 64, reduction: int = 16) -> None:
-        super().__init__(inplanes, planes, stride, downsample, groups, base_width)
-        self.se = SqueezeExcitation(planes * self.expansion, reduction)
-
-    def branch(self, x: torch.Tensor) -> torch.Tensor:
-        return self.se(super().branch(x))
 
 
 class ZeroPadShortcut(nn.Module):
