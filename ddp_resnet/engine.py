@@ -123,9 +123,9 @@ def evaluate(model: nn.Module, loader, num_classes: int, device: torch.device, a
             logits, labels, reduction="sum")
         topk = logits.topk(k, dim=1).indices
         pred = topk[:, 0]
-        sums += torch.stack([loss.double(), (pred == labels).sum().double(),
-                             (topk == labels[:, None]).any(1).sum().double(),
-                             torch.tensor(float(labels.shape[0]), device=device, dtype=torch.float64)])
+        sums[:3] += torch.stack([loss.double(), (pred == labels).sum().double(),
+                                 (topk == labels[:, None]).any(1).sum().double()])
+        sums[3] += labels.shape[0]  # a host number: no host-to-device copy per batch
         confusion += torch.bincount(labels * num_classes + pred, minlength=num_classes * num_classes)
     distributed.all_reduce_sum(sums)
     distributed.all_reduce_sum(confusion)

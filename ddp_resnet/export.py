@@ -11,8 +11,8 @@ import sys
 from ddp_resnet import checkpoint as ckpt
 
 
-def export(checkpoint_path: str, out_path: str, use_ema: bool = False) -> dict:
-    """Write the checkpoint's model (or EMA) weights to out_path; returns the state_dict."""
+def export(checkpoint_path: str, out_path: str, use_ema: bool = False) -> tuple[dict, dict]:
+    """Write the checkpoint's model (or EMA) weights to out_path; returns (state_dict, the checkpoint's config)."""
     payload = ckpt.load(checkpoint_path, "cpu")
     if use_ema:
         if payload.get("ema") is None:
@@ -22,7 +22,7 @@ def export(checkpoint_path: str, out_path: str, use_ema: bool = False) -> dict:
         state = payload["model"]
     state = {k: v.detach().clone().contiguous() for k, v in state.items()}
     ckpt.save(state, out_path)
-    return state
+    return state, payload.get("config") or {}
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -33,11 +33,11 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--ema", action="store_true", help="export the EMA weights instead")
     args = parser.parse_args(argv)
     try:
-        state = export(args.checkpoint, args.out, args.ema)
+        state, config = export(args.checkpoint, args.out, args.ema)
     except ckpt.CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    model_cfg = (ckpt.load(args.checkpoint, "cpu").get("config") or {}).get("model", {})
+    model_cfg = config.get("model", {})
     print(f"wrote {args.out}: {len(state)} tensors, {sum(v.numel() for v in state.values()):,} values "
           f"(model {model_cfg.get('name', '?')})")
     return 0

@@ -72,10 +72,20 @@ def test_best_metric_history_survives_resume(tmp_path):
     assert [r["epoch"] for r in metrics(out)] == [0, 1, 2]
 
 
-def test_every_steps_writes_mid_epoch_checkpoints(tmp_path):
-    out = tmp_path / "run"
-    ok(run_train(out, "train.epochs=1", "ckpt.every_steps=2", "train.run_steps=3"))
-    assert torch.load(out / "checkpoints/last.pt", weights_only=True)["step"] == 3
+def test_every_steps_writes_mid_epoch_checkpoints(tmp_path, monkeypatch):
+    from ddp_resnet import train
+
+    written = []
+    real_save = ckpt.save
+
+    def recording_save(payload, path):
+        written.append((Path(path).name, payload["step"]))
+        real_save(payload, path)
+
+    monkeypatch.setattr(ckpt, "save", recording_save)
+    assert train.main([*TINY, f"output_dir={tmp_path / 'run'}", "train.epochs=2", "ckpt.every_steps=3"]) == 0
+    last = [step for name, step in written if name == "last.pt"]
+    assert last == [3, 4, 6, 8]  # every 3 steps, plus every epoch end (4 steps per epoch)
 
 
 # ----------------------------------------------------------------------------------------- safe loading

@@ -39,7 +39,7 @@ def test_cpu_smoke_learns(tmp_path):
     out = tmp_path / "learn"
     ok(run_train(out, "train.epochs=3", config="configs/cpu_smoke.yaml", tiny=False))
     records = metrics(out)
-    assert records[-1]["test_acc"] > 50.0 > 100 / 10 * 2, records
+    assert records[-1]["test_acc"] > 50.0, records  # chance is 10%
 
 
 def test_two_processes_match_one_process_and_count_every_test_sample_once(tmp_path):
