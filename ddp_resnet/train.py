@@ -238,8 +238,10 @@ def _wrap(bare: nn.Module, cfg: Config, env) -> tuple[nn.Module, DDP | None]:
     """DDP around the bare model when there is a process group (exactly as the Trainer does)."""
     if not env.distributed:
         return bare, None
+    d = cfg.dist
     ddp = DDP(bare, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-              gradient_as_bucket_view=True)
+              bucket_cap_mb=d.bucket_cap_mb, static_graph=d.static_graph,
+              gradient_as_bucket_view=d.gradient_as_bucket_view, broadcast_buffers=d.broadcast_buffers)
     return ddp, ddp
 
 
@@ -469,10 +471,16 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ loop
     def _sync_buffers(self) -> None:
-        """Give every rank rank 0's BatchNorm buffers before evaluating (what the checkpoint holds)."""
+        """Give every rank rank 0's BatchNorm buffers (model and EMA) before evaluating: what the checkpoint holds.
+
+        Each rank updates its running statistics from its own batches, and the EMA copies them, so without this
+        ranks would evaluate slightly different models.
+        """
         if self.env.distributed and not self.cfg.train.sync_bn:
-            for buf in self.bare.buffers():
-                dist.broadcast(buf, 0)
+            modules = [self.bare] + ([self.ema.module] if self.ema is not None else [])
+            for module in modules:
+                for buf in module.buffers():
+                    dist.broadcast(buf, 0)
 
     def _end_epoch(self, epoch: int, writer: MetricsWriter, run_start: float) -> bool:
         """Reduce train metrics, evaluate, log; returns True when this epoch is the best so far."""
