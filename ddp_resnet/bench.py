@@ -106,9 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=None,
                    help="cudnn autotuner (default on)")
     p.add_argument("--fused", choices=("auto", "true", "false"), help="fused optimizer kernels (auto: on CUDA)")
-    p.add_argument("--data", choices=("synthetic", "cifar10", "cifar100"),
-                   help="synthetic (default) or a CIFAR dataset read from --root")
-    p.add_argument("--root", help="directory holding cifar-10-batches-py/ (or cifar-100-python/)")
+    p.add_argument("--data", choices=("synthetic", "cifar10", "cifar100", "imagefolder"),
+                   help="synthetic (default), a CIFAR dataset or an ImageFolder tree read from --root")
+    p.add_argument("--root", help="directory holding cifar-10-batches-py/ (or cifar-100-python/, or train/ and val/)")
+    p.add_argument("--decode", choices=("workers", "device"),
+                   help="imagefolder: decode JPEGs in DataLoader workers (PIL) or in batches on the device")
     p.add_argument("--loader", choices=("fixed", "gpu", "dataloader"),
                    help="fixed: one on-device batch (synthetic default); gpu: device-resident loader with "
                         "on-device augmentation (cifar default); dataloader: worker processes")
@@ -132,7 +134,7 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
                       ("amp", "train.amp"), ("channels_last", "train.channels_last"), ("compile", "train.compile"),
                       ("sync_bn", "train.sync_bn"), ("cudnn_benchmark", "train.cudnn_benchmark"),
                       ("fused", "optim.fused"), ("data", "data.dataset"), ("root", "data.root"),
-                      ("device", "train.device")):
+                      ("decode", "data.decode"), ("device", "train.device")):
         value = getattr(args, flag)
         if value is not None:
             out.append(f"{key}={str(value).lower() if isinstance(value, bool) else value}")
@@ -434,7 +436,8 @@ def settings_of(cfg: Config, info, env, loader_mode: str, args: argparse.Namespa
         "num_classes": info.num_classes, "batch_per_process": cfg.data.batch_size // env.world_size,
         "accum_steps": accum, "world_size": env.world_size, "global_batch": cfg.data.batch_size,
         "amp": cfg.train.amp, "channels_last": cfg.train.channels_last, "compile": cfg.train.compile,
-        "sync_bn": cfg.train.sync_bn and env.distributed, "data": cfg.data.dataset, "loader": loader_mode,
+        "sync_bn": cfg.train.sync_bn and env.distributed, "data": cfg.data.dataset,
+        "loader": loader_mode + (f" (decode {cfg.data.decode})" if cfg.data.dataset == "imagefolder" else ""),
         "optimizer": f"{cfg.optim.name}({'fused' if fused else 'foreach'})",
         "cudnn_benchmark": bool(torch.backends.cudnn.benchmark) if env.device.type == "cuda" else "n/a",
         "device": str(env.device), "device_name": device_name(env.device), "torch": torch.__version__,

@@ -35,6 +35,8 @@ class DataConfig:
     eval_batch_size: int = 0  # global eval batch; 0 = 2 x batch_size
     loader: str = "auto"  # auto (gpu for cifar/synthetic on CUDA) | dataloader | gpu (device-resident uint8 data)
     workers: int = 4  # DataLoader worker processes per rank
+    decode: str = "workers"  # imagefolder: workers (PIL decodes in DataLoader workers) | device (workers read the
+    #   files; JPEGs are decoded in batches on the training device with torchvision.io.decode_jpeg, nvJPEG on CUDA)
     pin_memory: bool = True  # pinned host memory for DataLoader batches (CUDA only)
     persistent_workers: bool = True  # keep DataLoader workers alive between epochs
     prefetch_factor: int = 2  # batches prefetched per DataLoader worker
@@ -132,6 +134,7 @@ CHOICES = {
     "model.stem": ("auto", "cifar", "imagenet"),
     "data.dataset": ("cifar10", "cifar100", "imagefolder", "synthetic"),
     "data.loader": ("auto", "dataloader", "gpu"),
+    "data.decode": ("workers", "device"),
     "data.augment": ("auto", "none", "flip", "crop_flip", "rrc_flip"),
     "optim.name": ("sgd", "adamw"),
     "optim.schedule": ("cosine", "multistep", "onecycle", "constant"),
@@ -325,6 +328,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _positive("data.cutmix_alpha", d.cutmix_alpha, allow_zero=True)
     for key in ("synthetic_train_size", "synthetic_test_size", "synthetic_classes", "synthetic_image_size"):
         _positive(f"data.{key}", getattr(d, key))
+    if d.decode == "device" and d.dataset != "imagefolder":
+        raise ConfigError(f"data.decode: device decodes image files, so it needs data.dataset=imagefolder, "
+                          f"not {d.dataset}; use workers")
     if d.synthetic_classes < 2:
         raise ConfigError(f"data.synthetic_classes: need at least 2 classes, got {d.synthetic_classes}")
     _positive("optim.lr", o.lr)

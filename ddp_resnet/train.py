@@ -122,7 +122,13 @@ class Plan:
     warnings: list = field(default_factory=list)
 
 
-_LOCKS: list = []  # open lock files, held for the life of the process
+_LOCKS: list = []  # open lock files, held until main() returns (or the process ends)
+
+
+def release_output_dirs() -> None:
+    """Close the lock files this process holds (releasing their locks)."""
+    while _LOCKS:
+        _LOCKS.pop().close()
 
 
 def lock_output_dir(out: Path) -> None:
@@ -606,7 +612,12 @@ def run(plan: Plan, env: distributed.DistEnv) -> int:
     for warning in plan.warnings:
         log(env, warning)
     trainer = Trainer(plan, env)
-    log(env, f"ddp_resnet: {cfg.model.name} on {cfg.data.dataset} | world {env.world_size} ({env.launcher}, "
+    data = cfg.data.dataset
+    if data == "imagefolder":
+        from ddp_resnet.data.device_decode import default_backend
+
+        data += f" (JPEG decoding on {env.device}, {default_backend()})" if cfg.data.decode == "device" else ""
+    log(env, f"ddp_resnet: {cfg.model.name} on {data} | world {env.world_size} ({env.launcher}, "
              f"{env.backend or 'no process group'}, {env.device}) | global batch {cfg.data.batch_size} | "
              f"{trainer.steps_per_epoch} steps/epoch, {trainer.total_steps} steps | output {out}")
     if plan.payload is not None:
@@ -625,7 +636,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ckpt.CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
-    env = distributed.init(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_s, plan.launch)
+    try:
+        return _run_claimed(plan, env=distributed.init(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_s,
+                                                       plan.launch))
+    finally:
+        release_output_dirs()
+
+
+def _run_claimed(plan: Plan, env) -> int:
     try:
         code = run(plan, env)
     except (ConfigError, ckpt.CheckpointError) as exc:

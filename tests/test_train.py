@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, child_env, metrics, ok, run_train, train_cmd, weights
+from conftest import REPO, TINY, child_env, metrics, ok, run_train, train_cmd, weights
 
 
 def test_single_process_cpu_smoke_runs_end_to_end(tmp_path):
@@ -156,3 +156,15 @@ def test_a_compile_failure_in_the_first_step_falls_back_to_eager(tmp_path, monke
     out = capsys.readouterr().out
     assert "torch.compile failed in the first step (RuntimeError: backend compiler failed); falling back" in out
     assert metrics(tmp_path / "run")[-1]["step"] == 4
+
+
+def test_in_process_main_releases_the_output_dir_lock_when_it_returns(tmp_path):
+    import fcntl
+
+    from ddp_resnet import train
+
+    out = tmp_path / "run"
+    assert train.main([*TINY, "train.epochs=1", f"output_dir={out}"]) == 0
+    with open(out / ".lock", "a+") as handle:  # raises BlockingIOError if the finished run still held it
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert not train._LOCKS

@@ -7,7 +7,9 @@ normalized float32 images and int64 labels on the device):
   ``seed``) whose indices are batched per rank in the main process; ``start_batch`` skips whole batches of
   indices, so nothing skipped is ever loaded. Each item is requested as ``(index, epoch)`` and its augmentation is
   a pure function of ``(seed, epoch, index)``: results do not depend on the number of workers, their timing, or
-  on resuming mid-epoch. Workers return uint8; conversion/normalization happens on the device.
+  on resuming mid-epoch. Workers return uint8; conversion/normalization happens on the device. With
+  ``data.decode=device`` (ImageFolder) workers return the encoded JPEG bytes and the sample's geometry instead,
+  and ``device_decode.DeviceDecoder`` decodes and transforms the batch on the device.
 * ``GPUTrainLoader`` (``gpu_loader.py``): device-resident uint8 data, batched gather-based augmentation. For
   cifar/synthetic with augment none/flip/crop_flip it yields bit-identical batches to the DataLoader path.
 
@@ -29,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ddp_resnet.config import ConfigError, DataConfig
 from ddp_resnet.data import cifar, imagefolder, synthetic
+from ddp_resnet.data.device_decode import DeviceDecoder, EncodedFolderEval, EncodedFolderTrain, collate_encoded
 from ddp_resnet.data.gpu_loader import GPUTrainLoader
 from ddp_resnet.data.transforms import (
     CIFAR10_MEAN,
@@ -295,11 +298,27 @@ class EpochBatchSampler(Sampler):
         return iter([[(i, epoch) for i in indices[k * b : (k + 1) * b]] for k in range(start, self.num_batches)])
 
 
-def _loader_kwargs(cfg: DataConfig, device: torch.device) -> dict:
-    kwargs: dict = {"num_workers": cfg.workers, "pin_memory": cfg.pin_memory and device.type == "cuda"}
+def _loader_kwargs(cfg: DataConfig, device: torch.device, decoder: DeviceDecoder | None = None) -> dict:
+    """DataLoader arguments; encoded batches (device decoding) are not pinned: the decoder reads them on the host."""
+    pin = cfg.pin_memory and device.type == "cuda" and decoder is None
+    kwargs: dict = {"num_workers": cfg.workers, "pin_memory": pin}
+    if decoder is not None:
+        kwargs["collate_fn"] = collate_encoded
     if cfg.workers > 0:
         kwargs.update(persistent_workers=cfg.persistent_workers, prefetch_factor=cfg.prefetch_factor)
     return kwargs
+
+
+class _Transfer:
+    """A decoded ``(images, labels)`` batch to the device (asynchronously from pinned memory)."""
+
+    def __init__(self, device: torch.device, non_blocking: bool) -> None:
+        self.device, self.non_blocking = device, non_blocking
+
+    def __call__(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = batch
+        return (images.to(self.device, non_blocking=self.non_blocking),
+                labels.to(self.device, non_blocking=self.non_blocking))
 
 
 class DataLoaderTrainLoader:
@@ -316,15 +335,15 @@ class DataLoaderTrainLoader:
         seed: int,
         batch_size: int,
         channels_last: bool = False,
+        decoder: DeviceDecoder | None = None,
     ) -> None:
         self.sampler = DistributedSampler(
             dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
         )
         self.batch_sampler = EpochBatchSampler(self.sampler, batch_size)
-        kwargs = _loader_kwargs(cfg, device)
-        self.non_blocking = kwargs["pin_memory"]
+        kwargs = _loader_kwargs(cfg, device, decoder)
         self.loader = DataLoader(dataset, batch_sampler=self.batch_sampler, **kwargs)
-        self.device = device
+        self.to_device = decoder or _Transfer(device, kwargs["pin_memory"])
         self.normalize = Normalizer(info.mean, info.std, channels_last)
 
     def __len__(self) -> int:
@@ -341,9 +360,8 @@ class DataLoaderTrainLoader:
         self.batch_sampler.start_batch = 0  # the skip applies to this iteration only
 
         def generate() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-            for images, labels in batches:
-                images = images.to(self.device, non_blocking=self.non_blocking)
-                labels = labels.to(self.device, non_blocking=self.non_blocking)
+            for batch in batches:
+                images, labels = self.to_device(batch)
                 yield self.normalize(images), labels
 
         return generate()
@@ -395,21 +413,22 @@ class DataLoaderEvalLoader:
         cfg: DataConfig,
         device: torch.device,
         normalize: Normalizer,
+        decoder: DeviceDecoder | None = None,
     ) -> None:
-        kwargs = _loader_kwargs(cfg, device)
-        self.non_blocking = kwargs["pin_memory"]
+        kwargs = _loader_kwargs(cfg, device, decoder)
         subset = torch.utils.data.Subset(dataset, range(start, end))
         self.loader = DataLoader(subset, batch_size=batch_size, shuffle=False, drop_last=False, **kwargs)
-        self.device, self.normalize = device, normalize
+        self.to_device = decoder or _Transfer(device, kwargs["pin_memory"])
+        self.normalize = normalize
         self.num_samples = end - start
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels in self.loader:
-            images = images.to(self.device, non_blocking=self.non_blocking)
-            yield self.normalize(images), labels.to(self.device, non_blocking=self.non_blocking)
+        for batch in self.loader:
+            images, labels = self.to_device(batch)
+            yield self.normalize(images), labels
 
 
 # ------------------------------------------------------------------------------------------ public builders
@@ -450,13 +469,18 @@ def build_train_loader(
             info.std,
             channels_last,
         )
+    decoder = None
     if cfg.dataset == "imagefolder":
         _, samples, _ = imagefolder.scan_imagefolder(str(Path(cfg.root).resolve()))
-        dataset: Dataset = _FolderTrainDataset(samples, info.image_size, info.augment, cfg.crop_padding, seed)
+        if cfg.decode == "device":
+            dataset: Dataset = EncodedFolderTrain(samples, info.image_size, info.augment, cfg.crop_padding, seed)
+            decoder = DeviceDecoder(device, info.image_size, dataset.padding)
+        else:
+            dataset = _FolderTrainDataset(samples, info.image_size, info.augment, cfg.crop_padding, seed)
     else:
         images, labels = _tensor_split(cfg, info, train=True)
         dataset = _TensorTrainDataset(images, labels, info.augment, cfg.crop_padding, seed)
-    return DataLoaderTrainLoader(dataset, cfg, info, rank, world_size, device, seed, batch, channels_last)
+    return DataLoaderTrainLoader(dataset, cfg, info, rank, world_size, device, seed, batch, channels_last, decoder)
 
 
 def build_eval_loader(
@@ -475,6 +499,10 @@ def build_eval_loader(
     if cfg.dataset == "imagefolder":
         _, _, samples = imagefolder.scan_imagefolder(str(Path(cfg.root).resolve()))
         resize = cfg.eval_resize or int(info.image_size * 8 / 7)
+        if cfg.decode == "device":
+            dataset: Dataset = EncodedFolderEval(samples, info.image_size, resize)
+            decoder = DeviceDecoder(device, info.image_size, 0)
+            return DataLoaderEvalLoader(dataset, start, end, batch, cfg, device, normalize, decoder)
         return DataLoaderEvalLoader(
             _FolderEvalDataset(samples, info.image_size, resize), start, end, batch, cfg, device, normalize
         )
