@@ -49,7 +49,8 @@ def _picture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 
 def write_folder(root: Path, n_train: int = 4, n_val: int = 3) -> None:
-    """JPEG (colour and greyscale) and PNG files of assorted sizes, including one whose shorter side is 24."""
+    """JPEG (colour, greyscale, and one with an EXIF rotation tag) and PNG files of assorted sizes, including one
+    whose shorter side is 24."""
     rng = np.random.default_rng(3)
     for split, count in (("train", n_train), ("val", n_val)):
         for c, cls in enumerate(("ant", "bee", "cat")):
@@ -57,10 +58,14 @@ def write_folder(root: Path, n_train: int = 4, n_val: int = 3) -> None:
             for i in range(count):
                 h, w = (24, 40) if i == 0 else (int(rng.integers(18, 60)), int(rng.integers(18, 60)))
                 img = Image.fromarray(_picture(rng, h, w))
+                exif = img.getexif()
+                if (i + c) % 4 == 3 and c < 2:
+                    exif[device_decode.EXIF_ORIENTATION] = 6  # "rotate 90": a phone photo taken upright
                 if (i + c) % 4 == 1:
                     img.save(root / split / cls / f"{i}.png")
                 else:
-                    (img.convert("L") if (i + c) % 4 == 2 else img).save(root / split / cls / f"{i}.jpg", quality=80)
+                    (img.convert("L") if (i + c) % 4 == 2 else img).save(root / split / cls / f"{i}.jpg", quality=80,
+                                                                          exif=exif.tobytes())
 
 
 @pytest.fixture(scope="module")

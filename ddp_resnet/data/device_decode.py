@@ -34,15 +34,24 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 GEOMETRY_FIELDS = ("top", "left", "height", "width", "out_h", "out_w", "crop_top", "crop_left", "dy", "dx", "flip")
 
 
+EXIF_ORIENTATION = 0x0112
+
+
 def read_encoded(path: str) -> tuple[torch.Tensor, bool, int, int]:
     """``(payload, is_jpeg, width, height)``: the file's bytes for a JPEG (size from its header), otherwise the
-    image decoded to ``3 x H x W`` uint8 by PIL."""
+    image decoded to ``3 x H x W`` uint8 by PIL.
+
+    A JPEG with an EXIF orientation tag is decoded here by PIL too: like torchvision's ImageFolder, the PIL path
+    ignores the tag, while TorchCodec's decoder applies it (and would swap height and width).
+    """
     with open(path, "rb") as fh:
         data = fh.read()
     if data[:3] == JPEG_MAGIC:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8), True, width, height
+            oriented = img.getexif().get(EXIF_ORIENTATION, 1) != 1
+        if not oriented:
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8), True, width, height
     img = imagefolder.load_rgb(path)
     return TF.pil_to_tensor(img), False, img.width, img.height
 
