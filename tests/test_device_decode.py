@@ -16,6 +16,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from conftest import assert_bitwise_equal, metrics, ok, run_train, weights
+from ddp_resnet import distributed
 from ddp_resnet.config import DataConfig
 from ddp_resnet.data import device_decode
 from ddp_resnet.data.device_decode import (
@@ -200,4 +201,9 @@ def test_the_bench_times_imagefolder_training_with_either_decoder(folder, decode
     out = capsys.readouterr().out
     assert code == 0, out
     assert f"data=imagefolder loader=dataloader (decode {decode})" in out
+    args = bench.build_parser().parse_args(["--device", "cpu", "--model", "resnet20", "--data", "imagefolder",
+                                            "--root", str(folder), "--decode", decode, "--res", "24", "--batch", "4"])
+    cfg, mode = bench.bench_config(args, 1)
+    runner = bench.Runner("ours", cfg, describe(cfg.data), distributed.init("cpu"), mode, 10, note=lambda m: None)
+    assert isinstance(runner.batches.loader.to_device, DeviceDecoder) == (decode == "device")
     assert re.search(r"^ours\s*: [\d.]+ images/s median", out, re.MULTILINE)

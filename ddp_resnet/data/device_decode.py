@@ -19,13 +19,12 @@ import warnings
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import Dataset
 
 from ddp_resnet.data import imagefolder
-from ddp_resnet.data.transforms import crop_flip, crop_flip_params_one, rrc_params, sample_rng
+from ddp_resnet.data.transforms import crop_flip, crop_flip_params_one, resize_nchw_uint8, rrc_params, sample_rng
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 # One row of geometry per sample: crop box in the decoded image (top, left, height, width), size it is resized to
@@ -178,14 +177,6 @@ def decode_all(payloads: list[torch.Tensor], is_jpeg: list[bool], device: torch.
     return out  # type: ignore[return-value]
 
 
-def _resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    if tuple(image.shape[-2:]) == (height, width):
-        return image
-    x = F.interpolate(image[None].float(), size=(height, width), mode="bilinear", antialias=True,
-                      align_corners=False)
-    return x[0].round_().clamp_(0, 255).to(torch.uint8)
-
-
 def _crop(image: torch.Tensor, top: int, left: int, size: int) -> torch.Tensor:
     """``size x size`` window at (top, left); parts outside the image are zero (torchvision's center_crop pad)."""
     _, height, width = image.shape
@@ -204,10 +195,11 @@ def transform_batch(images: list[torch.Tensor], geometry: torch.Tensor, size: in
     rows = geometry.tolist()
     shaped = []
     for image, (top, left, h, w, out_h, out_w, crop_top, crop_left, _, _, _) in zip(images, rows):
-        image = _resize(image[:, top : top + h, left : left + w], out_h, out_w)
+        image = resize_nchw_uint8(image[None, :, top : top + h, left : left + w], out_h, out_w)[0]
         shaped.append(_crop(image, crop_top, crop_left, size))
     batch = torch.stack(shaped).permute(0, 2, 3, 1)  # B x S x S x C for the batched crop-flip gather
-    return crop_flip(batch, None, geometry[:, 8], geometry[:, 9], geometry[:, 10].bool(), size, padding)
+    dy, dx, flip = geometry[:, 8:].to(batch.device, non_blocking=True).unbind(1)  # one small copy per batch
+    return crop_flip(batch, None, dy, dx, flip.bool(), size, padding)
 
 
 class DeviceDecoder:
