@@ -105,10 +105,11 @@ class CheckpointConfig:
 class DistConfig:
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     timeout_s: int = 300  # collective timeout; a failed rank ends the job within this
-    bucket_cap_mb: float = 25.0  # DDP gradient bucket size in MiB (smaller: all-reduce starts earlier; larger: fewer)
+    bucket_cap_mb: float = 0.0  # DDP gradient bucket size in MiB; 0 = DDP's default (a 1 MiB first bucket, then 25)
     static_graph: bool = False  # DDP static_graph (same parameters used every step); not with optim.accum_steps > 1
     gradient_as_bucket_view: bool = True  # gradients are views into DDP's buckets (saves a copy and memory)
-    broadcast_buffers: bool = False  # re-send rank 0's BN buffers every forward; not needed: they are sent before eval
+    forward_sync_buffers: bool = False  # re-send rank 0's BN buffers before every forward (DDP's broadcast_buffers);
+    #   not needed here: rank 0's buffers are sent to every rank before each evaluation
 
 
 @dataclass(frozen=True)
@@ -358,7 +359,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _positive("ckpt.every_steps", cfg.ckpt.every_steps, allow_zero=True)
     _positive("ckpt.keep", cfg.ckpt.keep, allow_zero=True)
     _positive("dist.timeout_s", cfg.dist.timeout_s)
-    _positive("dist.bucket_cap_mb", cfg.dist.bucket_cap_mb)
+    _positive("dist.bucket_cap_mb", cfg.dist.bucket_cap_mb, allow_zero=True)
     if cfg.dist.static_graph and o.accum_steps > 1:  # pytorch/pytorch#143580: an internal assert, or wrong grads
         raise ConfigError("dist.static_graph: DDP's static graph breaks under no_sync, so it cannot be combined with "
                           f"optim.accum_steps={o.accum_steps}; use one or the other")

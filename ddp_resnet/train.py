@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import json
 import math
 import os
@@ -245,9 +246,13 @@ def _wrap(bare: nn.Module, cfg: Config, env) -> tuple[nn.Module, DDP | None]:
     if not env.distributed:
         return bare, None
     d = cfg.dist
+    # torch >= 2.13 renamed broadcast_buffers (now deprecated, with a warning) to forward_sync_buffers
+    renamed = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+    options = {"forward_sync_buffers" if renamed else "broadcast_buffers": d.forward_sync_buffers}
+    if d.bucket_cap_mb > 0:  # passing any size, even DDP's default 25, also drops DDP's small first bucket
+        options["bucket_cap_mb"] = d.bucket_cap_mb
     ddp = DDP(bare, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-              bucket_cap_mb=d.bucket_cap_mb, static_graph=d.static_graph,
-              gradient_as_bucket_view=d.gradient_as_bucket_view, broadcast_buffers=d.broadcast_buffers)
+              static_graph=d.static_graph, gradient_as_bucket_view=d.gradient_as_bucket_view, **options)
     return ddp, ddp
 
 

@@ -2,24 +2,30 @@
 from __future__ import annotations
 
 import json
+import warnings
+from types import SimpleNamespace
 
 import pytest
+import torch
+import torch.distributed as dist
 
 from conftest import assert_bitwise_equal, metrics, ok, run_train, weights
-from ddp_resnet import evaluate
+from ddp_resnet import config, evaluate
+from ddp_resnet.models import build_model
+from ddp_resnet.train import _wrap
 
 COMMON = ("train.epochs=2", "optim.ema_decay=0.9", "data.augment=crop_flip")
 TUNED = ("dist.static_graph=true", "dist.bucket_cap_mb=0.05", "dist.gradient_as_bucket_view=false",
-         "dist.broadcast_buffers=false")
+         "dist.forward_sync_buffers=false")
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The same 2-process job with DDP's defaults (buffers re-broadcast every forward) and with every option
-    changed (static graph, ~20 small buckets for ResNet-20's 1 MiB of gradients, no buffer broadcasts)."""
+    changed (static graph, a 0.05 MiB bucket cap, no bucket views, no buffer broadcasts)."""
     base = tmp_path_factory.mktemp("ddp_options")
     plain, tuned = base / "plain", base / "tuned"
-    ok(run_train(plain, *COMMON, "dist.broadcast_buffers=true", nproc=2))
+    ok(run_train(plain, *COMMON, "dist.forward_sync_buffers=true", nproc=2))
     ok(run_train(tuned, *COMMON, *TUNED, nproc=2))
     return plain, tuned
 
@@ -51,14 +57,14 @@ def test_logged_evaluation_of_a_two_rank_run_equals_evaluating_its_checkpoint(ru
 
 def test_small_buckets_without_buffer_broadcasts_keep_accumulation_exact(tmp_path):
     plain, tuned = tmp_path / "plain", tmp_path / "tuned"
-    ok(run_train(plain, "train.epochs=1", "optim.accum_steps=2", "dist.broadcast_buffers=true", nproc=2))
+    ok(run_train(plain, "train.epochs=1", "optim.accum_steps=2", "dist.forward_sync_buffers=true", nproc=2))
     ok(run_train(tuned, "train.epochs=1", "optim.accum_steps=2", "dist.bucket_cap_mb=0.05",
-                 "dist.broadcast_buffers=false", nproc=2))
+                 "dist.forward_sync_buffers=false", nproc=2))
     assert_bitwise_equal(weights(plain / "checkpoints/last.pt"), weights(tuned / "checkpoints/last.pt"))
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (("dist.bucket_cap_mb=0",), "dist.bucket_cap_mb: must be > 0, got 0.0"),
+    (("dist.bucket_cap_mb=-1",), "dist.bucket_cap_mb: must be >= 0, got -1.0"),
     (("dist.static_graph=true", "optim.accum_steps=2"),
      "dist.static_graph: DDP's static graph breaks under no_sync, so it cannot be combined with optim.accum_steps=2"),
 ])
@@ -67,3 +73,31 @@ def test_bad_ddp_options_are_refused_before_anything_starts(tmp_path, overrides,
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def _buckets_after_two_steps(store, *overrides: str):
+    """The DDP wrapper the trainer builds for ``overrides`` (1-rank gloo group) and its gradient bucket sizes
+    once DDP has rebuilt its buckets from the first step's gradient order."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)  # no deprecated DDP argument
+            ddp, _ = _wrap(build_model("resnet20", num_classes=10), config.load(None, list(overrides)),
+                           SimpleNamespace(distributed=True, device=torch.device("cpu")))
+        for _ in range(2):
+            ddp(torch.randn(2, 3, 16, 16)).sum().backward()
+        return ddp, [b.buffer().numel() * 4 for b in ddp.reducer._get_zeros_like_grad_buckets()]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_trainers_ddp_wrapper_takes_the_configured_options(tmp_path):
+    ddp, sizes = _buckets_after_two_steps(tmp_path / "store_a")
+    assert (ddp.static_graph, ddp.gradient_as_bucket_view, ddp.broadcast_buffers) == (False, True, False)
+    assert len(sizes) == 2 and sizes[0] >= 2**20  # DDP's 1 MiB first bucket, then the rest (ResNet-20: ~1.03 MiB)
+    ddp, sizes = _buckets_after_two_steps(tmp_path / "store_b", "dist.bucket_cap_mb=0.05",
+                                          "dist.forward_sync_buffers=true", "dist.gradient_as_bucket_view=false")
+    assert (ddp.gradient_as_bucket_view, ddp.broadcast_buffers) == (False, True)
+    assert len(sizes) >= 10 and sum(sizes) == 4 * sum(p.numel() for p in ddp.module.parameters())
+    ddp, _ = _buckets_after_two_steps(tmp_path / "store_c", "dist.static_graph=true")
+    assert ddp.static_graph

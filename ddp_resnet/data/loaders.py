@@ -473,8 +473,8 @@ def build_train_loader(
     if cfg.dataset == "imagefolder":
         _, samples, _ = imagefolder.scan_imagefolder(str(Path(cfg.root).resolve()))
         if cfg.decode == "device":
-            dataset: Dataset = EncodedFolderTrain(samples, info.image_size, info.augment, cfg.crop_padding, seed)
-            decoder = DeviceDecoder(device, info.image_size, dataset.padding)
+            encoded = EncodedFolderTrain(samples, info.image_size, info.augment, cfg.crop_padding, seed)
+            dataset, decoder = encoded, DeviceDecoder(device, encoded)
         else:
             dataset = _FolderTrainDataset(samples, info.image_size, info.augment, cfg.crop_padding, seed)
     else:
@@ -500,9 +500,9 @@ def build_eval_loader(
         _, _, samples = imagefolder.scan_imagefolder(str(Path(cfg.root).resolve()))
         resize = cfg.eval_resize or int(info.image_size * 8 / 7)
         if cfg.decode == "device":
-            dataset: Dataset = EncodedFolderEval(samples, info.image_size, resize)
-            decoder = DeviceDecoder(device, info.image_size, 0)
-            return DataLoaderEvalLoader(dataset, start, end, batch, cfg, device, normalize, decoder)
+            encoded = EncodedFolderEval(samples, info.image_size, resize)
+            return DataLoaderEvalLoader(encoded, start, end, batch, cfg, device, normalize,
+                                        DeviceDecoder(device, encoded))
         return DataLoaderEvalLoader(
             _FolderEvalDataset(samples, info.image_size, resize), start, end, batch, cfg, device, normalize
         )

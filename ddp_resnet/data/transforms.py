@@ -188,22 +188,15 @@ def rrc_params(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def resize_nchw_uint8(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Resize a uint8 ``N x C x H x W`` batch to ``height x width`` (bilinear, antialiased, rounded), on its device."""
-    if tuple(images.shape[-2:]) == (height, width):
-        return images
-    x = F.interpolate(images.float(), size=(height, width), mode="bilinear", antialias=True, align_corners=False)
-    return x.round_().clamp_(0, 255).to(torch.uint8)
-
-
 def resize_uint8(images_nhwc: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
     """Resize a uint8 ``N x H x W x C`` stack to ``size x size`` (bilinear, antialiased), in chunks."""
     if images_nhwc.shape[1] == size and images_nhwc.shape[2] == size:
         return images_nhwc
     parts = []
     for start in range(0, images_nhwc.shape[0], chunk):
-        x = resize_nchw_uint8(images_nhwc[start : start + chunk].permute(0, 3, 1, 2), size, size)
-        parts.append(x.permute(0, 2, 3, 1).contiguous())
+        x = images_nhwc[start : start + chunk].permute(0, 3, 1, 2).float()
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        parts.append(x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous())
     return torch.cat(parts) if parts else images_nhwc.new_empty((0, size, size, images_nhwc.shape[3]))
 
 
