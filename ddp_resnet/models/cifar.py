@@ -11,8 +11,6 @@ a CIFAR stem by default and dropout 0 unless ``dropout=`` is given.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -64,77 +62,6 @@ def _check_cifar_args(depth: int, stem: str | None, zero_init_residual: bool, sh
         raise ValueError("zero_init_residual is meaningless for a plain net (no shortcut): every block would output 0")
 
 
-def _cifar(depth: int, shortcut: bool, num_classes: int, stem: str | None, zero_init_residual: bool,
-           **kwargs: Any) -> CifarResNet:
-    return CifarResNet(depth, num_classes, stem, zero_init_residual, shortcut, **kwargs)
-
-
-def resnet20(num_classes: int = 10, stem: str | None = "cifar", zero_init_residual: bool = False,
-             **kwargs: Any) -> CifarResNet:
-    """CIFAR ResNet-20 (n=3, ~0.27 M parameters)."""
-    return _cifar(20, True, num_classes, stem, zero_init_residual, **kwargs)
-
-
-def resnet32(num_classes: int = 10, stem: str | None = "cifar", zero_init_residual: bool = False,
-             **kwargs: Any) -> CifarResNet:
-    """CIFAR ResNet-32 (n=5, ~0.46 M parameters)."""
-    return _cifar(32, True, num_classes, stem, zero_init_residual, **kwargs)
-
-
-def resnet44(num_classes: int = 10, stem: str | None = "cifar", zero_init_residual: bool = False,
-             **kwargs: Any) -> CifarResNet:
-    """CIFAR ResNet-44 (n=7, ~0.66 M parameters)."""
-    return _cifar(44, True, num_classes, stem, zero_init_residual, **kwargs)
-
-
-def resnet56(num_classes: int = 10, stem: str | None = "cifar", zero_init_residual: bool = False,
-             **kwargs: Any) -> CifarResNet:
-    """CIFAR ResNet-56 (n=9, ~0.85 M parameters)."""
-    return _cifar(56, True, num_classes, stem, zero_init_residual, **kwargs)
-
-
-def resnet110(num_classes: int = 10, stem: str | None = "cifar", zero_init_residual: bool = False,
-              **kwargs: Any) -> CifarResNet:
-    """CIFAR ResNet-110 (n=18, ~1.7 M parameters)."""
-    return _cifar(110, True, num_classes, stem, zero_init_residual, **kwargs)
-
-
-def resnet1202(num_classes: int = 10, stem: str | None = "cifar", zero_init_residual: bool = False,
-               **kwargs: Any) -> CifarResNet:
-    """CIFAR ResNet-1202 (n=200, ~19.4 M parameters)."""
-    return _cifar(1202, True, num_classes, stem, zero_init_residual, **kwargs)
-
-
-def plain20(num_classes: int = 10, stem: str | None = "cifar", zero_init_residual: bool = False,
-            **kwargs: Any) -> CifarResNet:
-    """Plain-20: ResNet-20 without shortcuts."""
-    return _cifar(20, False, num_classes, stem, zero_init_residual, **kwargs)
-
-
-def plain32(num_classes: int = 10, stem: str | None = "cifar", zero_init_residual: bool = False,
-            **kwargs: Any) -> CifarResNet:
-    """Plain-32: ResNet-32 without shortcuts."""
-    return _cifar(32, False, num_classes, stem, zero_init_residual, **kwargs)
-
-
-def plain44(num_classes: int = 10, stem: str | None = "cifar", zero_init_residual: bool = False,
-            **kwargs: Any) -> CifarResNet:
-    """Plain-44: ResNet-44 without shortcuts."""
-    return _cifar(44, False, num_classes, stem, zero_init_residual, **kwargs)
-
-
-def plain56(num_classes: int = 10, stem: str | None = "cifar", zero_init_residual: bool = False,
-            **kwargs: Any) -> CifarResNet:
-    """Plain-56: ResNet-56 without shortcuts."""
-    return _cifar(56, False, num_classes, stem, zero_init_residual, **kwargs)
-
-
-def plain110(num_classes: int = 10, stem: str | None = "cifar", zero_init_residual: bool = False,
-             **kwargs: Any) -> CifarResNet:
-    """Plain-110: ResNet-110 without shortcuts."""
-    return _cifar(110, False, num_classes, stem, zero_init_residual, **kwargs)
-
-
 def wide_resnet_cifar(depth: int, widen_factor: int, num_classes: int = 10, stem: str | None = "cifar",
                       zero_init_residual: bool = False, dropout: float = 0.0) -> PreActResNet:
     """WRN-depth-k (Zagoruyko & Komodakis 2016): (depth-4)/6 wide pre-act blocks per stage, widths 16k/32k/64k."""
@@ -145,9 +72,3 @@ def wide_resnet_cifar(depth: int, widen_factor: int, num_classes: int = 10, stem
     return PreActResNet(PreActBasicBlock, (n, n, n), widths, num_classes=num_classes,
                         stem=resolve_stem(stem, "cifar"), zero_init_residual=zero_init_residual,
                         stem_width=CIFAR_WIDTHS[0], dropout=dropout)
-
-
-def wrn28_10(num_classes: int = 10, stem: str | None = "cifar", zero_init_residual: bool = False,
-             dropout: float = 0.0) -> PreActResNet:
-    """WRN-28-10 (~36.5 M parameters); CIFAR stem by default, the ImageNet stem is accepted too."""
-    return wide_resnet_cifar(28, 10, num_classes, stem, zero_init_residual, dropout)

@@ -3,36 +3,57 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from torch import nn
 
-from . import cifar, resnet, variants
-from .blocks import resolve_stem
+from .blocks import BasicBlock, Bottleneck, PreActBasicBlock, PreActBottleneck, SEBasicBlock, SEBottleneck, resolve_stem
+from .cifar import CifarResNet, wide_resnet_cifar
+from .resnet import ResNet
+from .variants import PreActResNet
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     """How to build one registered model and which stems it supports."""
 
-    builder: Callable[..., nn.Module]
+    builder: Callable[..., nn.Module]  # called with num_classes=, stem=, zero_init_residual= and extra options
     default_stem: str
     cifar_only: bool = False
 
 
+STAGES = {18: (BasicBlock, (2, 2, 2, 2)), 34: (BasicBlock, (3, 4, 6, 3)), 50: (Bottleneck, (3, 4, 6, 3)),
+          101: (Bottleneck, (3, 4, 23, 3)), 152: (Bottleneck, (3, 8, 36, 3))}
+PREACT_BLOCKS = {BasicBlock: PreActBasicBlock, Bottleneck: PreActBottleneck}
+SE_BLOCKS = {BasicBlock: SEBasicBlock, Bottleneck: SEBottleneck}
+
+
+def _se_resnet(depth: int) -> Callable[..., nn.Module]:
+    block, layers = STAGES[depth]
+
+    def build(reduction: int = 16, **kwargs: Any) -> nn.Module:
+        return ResNet(SE_BLOCKS[block], layers, block_kwargs={"reduction": reduction}, **kwargs)
+
+    return build
+
+
 def _specs() -> dict[str, ModelSpec]:
-    specs: dict[str, ModelSpec] = {}
-    for module, names in (
-        (resnet, ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")),
-        (variants, ("resnext50_32x4d", "wide_resnet50_2", "se_resnet18", "se_resnet34", "se_resnet50",
-                    "preact_resnet18", "preact_resnet34", "preact_resnet50", "preact_resnet101",
-                    "preact_resnet152")),
-    ):
-        specs.update({name: ModelSpec(getattr(module, name), "imagenet") for name in names})
-    for name in ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet1202",
-                 "plain20", "plain32", "plain44", "plain56", "plain110"):
-        specs[name] = ModelSpec(getattr(cifar, name), "cifar", cifar_only=True)
-    specs["wrn28_10"] = ModelSpec(cifar.wrn28_10, "cifar")
+    """Every name: torchvision's ResNets (parameters with the ImageNet stem and 1000 classes: 18: 11,689,512;
+    34: 21,797,672; 50: 25,557,032; 101: 44,549,160; 152: 60,192,808), ResNeXt-50 32x4d, Wide ResNet-50-2,
+    SE-ResNets (reduction 16), pre-activation ResNets, He et al.'s CIFAR nets (6n+2 layers, with and without
+    shortcuts) and WRN-28-10."""
+    specs = {f"resnet{d}": ModelSpec(partial(ResNet, *STAGES[d]), "imagenet") for d in STAGES}
+    specs["resnext50_32x4d"] = ModelSpec(partial(ResNet, *STAGES[50], groups=32, width_per_group=4), "imagenet")
+    specs["wide_resnet50_2"] = ModelSpec(partial(ResNet, *STAGES[50], width_per_group=128), "imagenet")
+    specs.update({f"se_resnet{d}": ModelSpec(_se_resnet(d), "imagenet") for d in (18, 34, 50)})
+    specs.update({f"preact_resnet{d}": ModelSpec(partial(PreActResNet, PREACT_BLOCKS[STAGES[d][0]], STAGES[d][1]),
+                                                 "imagenet") for d in STAGES})
+    for depth in (20, 32, 44, 56, 110, 1202):
+        specs[f"resnet{depth}"] = ModelSpec(partial(CifarResNet, depth, shortcut=True), "cifar", cifar_only=True)
+    for depth in (20, 32, 44, 56, 110):
+        specs[f"plain{depth}"] = ModelSpec(partial(CifarResNet, depth, shortcut=False), "cifar", cifar_only=True)
+    specs["wrn28_10"] = ModelSpec(partial(wide_resnet_cifar, 28, 10), "cifar")
     return specs
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .blocks import BasicBlock, Bottleneck, PostActBlock, conv1x1, init_weights, resolve_stem, stem_conv, stem_pool
+from .blocks import PostActBlock, conv1x1, init_weights, resolve_stem, stem_conv, stem_pool
 
 
 class ResNet(nn.Module):
@@ -69,38 +69,3 @@ class ResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.avgpool(self.forward_features(x))
         return self.fc(torch.flatten(x, 1))
-
-
-def _resnet(block: type[PostActBlock], layers: Sequence[int], num_classes: int, stem: str | None,
-            zero_init_residual: bool, **kwargs: Any) -> ResNet:
-    return ResNet(block, layers, num_classes=num_classes, stem=stem, zero_init_residual=zero_init_residual, **kwargs)
-
-
-def resnet18(num_classes: int = 1000, stem: str | None = "imagenet", zero_init_residual: bool = False,
-             **kwargs: Any) -> ResNet:
-    """ResNet-18 (11,689,512 parameters with the ImageNet stem and 1000 classes)."""
-    return _resnet(BasicBlock, (2, 2, 2, 2), num_classes, stem, zero_init_residual, **kwargs)
-
-
-def resnet34(num_classes: int = 1000, stem: str | None = "imagenet", zero_init_residual: bool = False,
-             **kwargs: Any) -> ResNet:
-    """ResNet-34 (21,797,672 parameters)."""
-    return _resnet(BasicBlock, (3, 4, 6, 3), num_classes, stem, zero_init_residual, **kwargs)
-
-
-def resnet50(num_classes: int = 1000, stem: str | None = "imagenet", zero_init_residual: bool = False,
-             **kwargs: Any) -> ResNet:
-    """ResNet-50 (25,557,032 parameters, ~4.09 G multiply-adds at 224x224)."""
-    return _resnet(Bottleneck, (3, 4, 6, 3), num_classes, stem, zero_init_residual, **kwargs)
-
-
-def resnet101(num_classes: int = 1000, stem: str | None = "imagenet", zero_init_residual: bool = False,
-              **kwargs: Any) -> ResNet:
-    """ResNet-101 (44,549,160 parameters)."""
-    return _resnet(Bottleneck, (3, 4, 23, 3), num_classes, stem, zero_init_residual, **kwargs)
-
-
-def resnet152(num_classes: int = 1000, stem: str | None = "imagenet", zero_init_residual: bool = False,
-              **kwargs: Any) -> ResNet:
-    """ResNet-152 (60,192,808 parameters)."""
-    return _resnet(Bottleneck, (3, 8, 36, 3), num_classes, stem, zero_init_residual, **kwargs)

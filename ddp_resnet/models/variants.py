@@ -5,62 +5,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import nn
 
 from .blocks import (
-    Bottleneck,
-    PreActBasicBlock,
     PreActBlock,
-    PreActBottleneck,
-    SEBasicBlock,
-    SEBottleneck,
     init_weights,
     resolve_stem,
     stem_conv,
     stem_pool,
 )
-from .resnet import ResNet
-
-
-def resnext50_32x4d(num_classes: int = 1000, stem: str | None = "imagenet", zero_init_residual: bool = False,
-                    **kwargs: Any) -> ResNet:
-    """ResNeXt-50 32x4d (Xie et al. 2017): cardinality 32, width 4 per group (25,028,904 parameters)."""
-    kwargs = {"groups": 32, "width_per_group": 4, **kwargs}
-    return ResNet(Bottleneck, (3, 4, 6, 3), num_classes, stem, zero_init_residual, **kwargs)
-
-
-def wide_resnet50_2(num_classes: int = 1000, stem: str | None = "imagenet", zero_init_residual: bool = False,
-                    **kwargs: Any) -> ResNet:
-    """Wide ResNet-50-2: bottleneck inner width doubled (68,883,240 parameters)."""
-    kwargs = {"width_per_group": 128, **kwargs}
-    return ResNet(Bottleneck, (3, 4, 6, 3), num_classes, stem, zero_init_residual, **kwargs)
-
-
-def _se_resnet(block: type, layers: Sequence[int], num_classes: int, stem: str | None,
-               zero_init_residual: bool, reduction: int, **kwargs: Any) -> ResNet:
-    return ResNet(block, layers, num_classes, stem, zero_init_residual, block_kwargs={"reduction": reduction},
-                  **kwargs)
-
-
-def se_resnet18(num_classes: int = 1000, stem: str | None = "imagenet", zero_init_residual: bool = False,
-                reduction: int = 16, **kwargs: Any) -> ResNet:
-    """SE-ResNet-18 (Hu et al. 2018): ResNet-18 with squeeze-excitation (reduction 16) in every block."""
-    return _se_resnet(SEBasicBlock, (2, 2, 2, 2), num_classes, stem, zero_init_residual, reduction, **kwargs)
-
-
-def se_resnet34(num_classes: int = 1000, stem: str | None = "imagenet", zero_init_residual: bool = False,
-                reduction: int = 16, **kwargs: Any) -> ResNet:
-    """SE-ResNet-34: ResNet-34 with squeeze-excitation (reduction 16) in every block."""
-    return _se_resnet(SEBasicBlock, (3, 4, 6, 3), num_classes, stem, zero_init_residual, reduction, **kwargs)
-
-
-def se_resnet50(num_classes: int = 1000, stem: str | None = "imagenet", zero_init_residual: bool = False,
-                reduction: int = 16, **kwargs: Any) -> ResNet:
-    """SE-ResNet-50: ResNet-50 with squeeze-excitation (reduction 16) in every block (~28.09 M parameters)."""
-    return _se_resnet(SEBottleneck, (3, 4, 6, 3), num_classes, stem, zero_init_residual, reduction, **kwargs)
 
 
 class PreActResNet(nn.Module):
@@ -120,39 +75,3 @@ class PreActResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.avgpool(self.forward_features(x))
         return self.fc(torch.flatten(x, 1))
-
-
-def _preact(block: type[PreActBlock], layers: Sequence[int], num_classes: int, stem: str | None,
-            zero_init_residual: bool, **kwargs: Any) -> PreActResNet:
-    return PreActResNet(block, layers, num_classes=num_classes, stem=stem, zero_init_residual=zero_init_residual,
-                        **kwargs)
-
-
-def preact_resnet18(num_classes: int = 1000, stem: str | None = "imagenet", zero_init_residual: bool = False,
-                    **kwargs: Any) -> PreActResNet:
-    """Pre-activation ResNet-18."""
-    return _preact(PreActBasicBlock, (2, 2, 2, 2), num_classes, stem, zero_init_residual, **kwargs)
-
-
-def preact_resnet34(num_classes: int = 1000, stem: str | None = "imagenet", zero_init_residual: bool = False,
-                    **kwargs: Any) -> PreActResNet:
-    """Pre-activation ResNet-34."""
-    return _preact(PreActBasicBlock, (3, 4, 6, 3), num_classes, stem, zero_init_residual, **kwargs)
-
-
-def preact_resnet50(num_classes: int = 1000, stem: str | None = "imagenet", zero_init_residual: bool = False,
-                    **kwargs: Any) -> PreActResNet:
-    """Pre-activation ResNet-50."""
-    return _preact(PreActBottleneck, (3, 4, 6, 3), num_classes, stem, zero_init_residual, **kwargs)
-
-
-def preact_resnet101(num_classes: int = 1000, stem: str | None = "imagenet", zero_init_residual: bool = False,
-                     **kwargs: Any) -> PreActResNet:
-    """Pre-activation ResNet-101."""
-    return _preact(PreActBottleneck, (3, 4, 23, 3), num_classes, stem, zero_init_residual, **kwargs)
-
-
-def preact_resnet152(num_classes: int = 1000, stem: str | None = "imagenet", zero_init_residual: bool = False,
-                     **kwargs: Any) -> PreActResNet:
-    """Pre-activation ResNet-152."""
-    return _preact(PreActBottleneck, (3, 8, 36, 3), num_classes, stem, zero_init_residual, **kwargs)
