@@ -49,13 +49,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ddp_resnet import build, distributed
 from ddp_resnet import config as config_mod
 from ddp_resnet import data as data_mod
-from ddp_resnet import distributed
+from ddp_resnet.build import resolve_stem
 from ddp_resnet.config import Config, ConfigError
 from ddp_resnet.models import resolve_model_stem, summarize
-from ddp_resnet.syncbn import convert_sync_batchnorm
-from ddp_resnet.train import build_network, build_step, fall_back_to_eager, resolve_stem, seed_everything
+from ddp_resnet.optim import uses_fused
 
 EXIT_OK, EXIT_CONFIG = 0, 2
 # Registered names whose ImageNet-stem architecture is torchvision's (same parameters, same MACs).
@@ -92,12 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML recipe to take settings from (default: none, bench defaults)")
     p.add_argument("--model", help=f"registered model name (default {BENCH_DEFAULTS['model']})")
-    p.add_argument("--stem", choices=("auto", "cifar", "imagenet"), help="model stem (auto: cifar up to 64 px)")
+    p.add_argument("--stem", choices=config_mod.choices("model.stem"), help="model stem (auto: cifar up to 64 px)")
     p.add_argument("--res", type=int, help=f"image side in pixels (default {BENCH_DEFAULTS['res']}; cifar: 32)")
     p.add_argument("--batch", type=int, help=f"batch PER PROCESS per optimizer step (default "
                                              f"{BENCH_DEFAULTS['batch']}); the global batch is batch x world size")
     p.add_argument("--accum", type=int, help="gradient accumulation micro-steps per optimizer step")
-    p.add_argument("--amp", choices=("none", "bf16", "fp16"), help="autocast precision")
+    p.add_argument("--amp", choices=config_mod.choices("train.amp"), help="autocast precision")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC model and inputs")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
@@ -105,18 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SyncBatchNorm (only active with more than one process)")
     p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=None,
                    help="cudnn autotuner (default on)")
-    p.add_argument("--fused", choices=("auto", "true", "false"), help="fused optimizer kernels (auto: on CUDA)")
-    p.add_argument("--data", choices=("synthetic", "cifar10", "cifar100", "imagefolder"),
+    p.add_argument("--fused", choices=config_mod.choices("optim.fused"), help="fused optimizer kernels (auto: on CUDA)")
+    p.add_argument("--data", choices=config_mod.choices("data.dataset"),
                    help="synthetic (default), a CIFAR dataset or an ImageFolder tree read from --root")
     p.add_argument("--root", help="directory holding cifar-10-batches-py/ (or cifar-100-python/, or train/ and val/)")
-    p.add_argument("--decode", choices=("workers", "device"),
+    p.add_argument("--decode", choices=config_mod.choices("data.decode"),
                    help="imagefolder: decode JPEGs in DataLoader workers (PIL) or in batches on the device")
     p.add_argument("--loader", choices=("fixed", "gpu", "dataloader"),
                    help="fixed: one on-device batch (synthetic default); gpu: device-resident loader with "
                         "on-device augmentation (cifar default); dataloader: worker processes")
     p.add_argument("--classes", type=int, help="synthetic: number of classes (default 10 for the cifar stem, "
                                                "else 1000)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="auto: CUDA when available")
+    p.add_argument("--device", choices=config_mod.choices("train.device"), help="auto: CUDA when available")
     p.add_argument("--steps", type=int, default=20, help="timed steps per window (default 20)")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (>= 1, default 10)")
     p.add_argument("--windows", type=int, default=5, help="timed windows (default 5)")
@@ -181,7 +181,7 @@ def bench_config(args: argparse.Namespace, world_size: int) -> tuple[Config, str
 
 # --------------------------------------------------------------------------------------------- networks
 def torchvision_network(cfg: Config, info, env) -> nn.Module:
-    """torchvision's model of the configured name, prepared like ``build_network`` (stem, SyncBN, layout)."""
+    """torchvision's model of the configured name, prepared like ``build.build_network`` (stem, SyncBN, layout)."""
     import torchvision
 
     name = cfg.model.name
@@ -194,10 +194,7 @@ def torchvision_network(cfg: Config, info, env) -> nn.Module:
         model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
         model.maxpool = nn.Identity()
-    if cfg.train.sync_bn and env.distributed:
-        model = convert_sync_batchnorm(model, env.device)
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    return model.to(env.device, memory_format=memory_format)
+    return build.place(model, cfg, env.device, env.distributed)
 
 
 # --------------------------------------------------------------------------------------------- batches
@@ -237,8 +234,7 @@ class LoaderBatches:
 
 def make_batches(cfg: Config, info, env, loader_mode: str):
     """The batch source for ``loader_mode``: fixed, or the trainer's own ``build_train_loader``."""
-    accum = cfg.optim.accum_steps
-    micro = cfg.data.batch_size // (env.world_size * accum)
+    accum, micro = cfg.optim.accum_steps, build.micro_batch(cfg, env.world_size)
     if loader_mode == "fixed":
         return FixedBatches(cfg, info, env, micro, accum)
     loader = data_mod.build_train_loader(cfg.data, info, env.rank, env.world_size, env.device, cfg.train.seed,
@@ -273,12 +269,12 @@ class Runner:
             torch.cuda.synchronize(env.device)
             torch.cuda.reset_peak_memory_stats(env.device)
         self.baseline = torch.cuda.memory_allocated(env.device) if cuda else 0
-        seed_everything(cfg.train.seed, env.rank)
-        bare = build_network(cfg, info, env) if which == "ours" else torchvision_network(cfg, info, env)
+        build.seed_everything(cfg.train.seed, env.rank)
+        bare = build.build_network(cfg, info, env) if which == "ours" else torchvision_network(cfg, info, env)
         self.macs = summarize(bare, info.image_size)["total"]["macs"]
         self.batches = make_batches(cfg, info, env, loader_mode)
-        self.parts = build_step(cfg, info, env, bare, total_steps, self.batches.steps_per_epoch or total_steps,
-                                note)
+        self.parts = build.build_step(cfg, info, env, bare, total_steps,
+                                        self.batches.steps_per_epoch or total_steps, note)
         bare.train()
         self.acc = torch.zeros(3, device=env.device)
         self.step = 0
@@ -288,15 +284,7 @@ class Runner:
     def warm_up(self, steps: int) -> None:
         """Untimed steps; a torch.compile failure in the first one falls back to eager."""
         for _ in range(steps):
-            micro = self.batches.next()
-            if self.step == 0 and self.parts.compiled == "on":
-                try:
-                    self.parts.stepper.step(micro, self.step)
-                except Exception as exc:  # noqa: BLE001 - compile errors surface at the first call
-                    fall_back_to_eager(self.parts, self.cfg, self.env, exc, self.note)
-                    self.parts.stepper.step(micro, self.step)
-            else:
-                self.parts.stepper.step(micro, self.step)
+            self.parts(self.batches.next(), self.step)
             self.step += 1
         _sync(self.env.device)
         if self.env.device.type == "cuda":  # what this network's step needs beyond what existed before it
@@ -312,7 +300,7 @@ class Runner:
             _sync(self.env.device)
             tick = time.perf_counter()
         for _ in range(steps):
-            self.acc += self.parts.stepper.step(self.batches.next(), self.step)
+            self.acc += self.parts(self.batches.next(), self.step)
             self.step += 1
         if cuda:
             end = torch.cuda.Event(enable_timing=True)
@@ -430,7 +418,7 @@ def format_result(label: str, r: dict, env) -> str:
 def settings_of(cfg: Config, info, env, loader_mode: str, args: argparse.Namespace) -> dict:
     """The settings that shape the measurement (printed and written to --json)."""
     accum = cfg.optim.accum_steps
-    fused = cfg.optim.fused == "true" or (cfg.optim.fused == "auto" and env.device.type == "cuda")
+    fused = uses_fused(cfg, env.device)
     return {
         "model": cfg.model.name, "stem": resolve_stem(cfg, info) or "cifar", "res": info.image_size,
         "num_classes": info.num_classes, "batch_per_process": cfg.data.batch_size // env.world_size,
@@ -475,9 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     env = distributed.init(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_s, launch)
     note = print if env.is_main else (lambda message: None)
     try:
-        if cfg.train.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark and not cfg.train.deterministic
+        build.apply_torch_flags(cfg)
         settings = settings_of(cfg, info, env, loader_mode, args)
         if env.is_main:
             s = settings

@@ -20,8 +20,6 @@ import torch
 
 import ddp_resnet
 
-# Test hook: seconds to sleep between writing the temporary file and renaming it (simulates a slow disk).
-_SLOW_WRITE_ENV = "DDP_RESNET_TEST_SLOW_SAVE_S"
 EPOCH_FILE = re.compile(r"epoch_(\d+)\.pt$")
 
 
@@ -96,9 +94,6 @@ def save(payload: dict, path: str | Path) -> None:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
-        delay = float(os.environ.get(_SLOW_WRITE_ENV, "0") or 0)
-        if delay:
-            time.sleep(delay)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -110,20 +105,26 @@ def save(payload: dict, path: str | Path) -> None:
         os.close(fd)
 
 
-def load(path: str | Path, map_location: torch.device | str = "cpu") -> dict:
-    """Load a checkpoint with weights_only=True; raise CheckpointError (one line) if it cannot be used."""
+def _read(path: str | Path, map_location) -> object:
+    """``torch.load(weights_only=True)``; every failure becomes a one-line CheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"checkpoint {path} refused: it holds more than tensors and plain values "
                               f"({first[:160]})") from None
     except Exception as exc:  # truncated or corrupt files raise many different types
+        text = str(exc).strip()
         raise CheckpointError(f"checkpoint {path} failed to load ({type(exc).__name__}: "
-                              f"{str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''})") from None
+                              f"{text.splitlines()[0][:160] if text else ''})") from None
+
+
+def load(path: str | Path, map_location: torch.device | str = "cpu") -> dict:
+    """Load a training checkpoint with weights_only=True; raise CheckpointError (one line) if it cannot be used."""
+    payload = _read(path, map_location)
     if not isinstance(payload, dict) or "model" not in payload:
         raise CheckpointError(f"checkpoint {path} is not a ddp_resnet checkpoint (no 'model' entry)")
     return payload
@@ -140,18 +141,28 @@ def candidates(ckpt_dir: str | Path) -> list[Path]:
     return last + epoch_files
 
 
-def load_latest_valid(ckpt_dir: str | Path, map_location, warn=print) -> tuple[Path, dict] | None:
-    """The newest checkpoint that loads, by global step; unusable files are reported in one line each."""
-    best: tuple[Path, dict] | None = None
+def load_latest_valid(ckpt_dir: str | Path, map_location="cpu", warn=print) -> tuple[Path, dict] | None:
+    """The newest checkpoint that loads: ``last.pt`` (always written first, atomically, so it is the newest),
+    else the epoch files, newest first. Only the file used is kept in memory; unusable files are reported in one
+    line each."""
     for path in candidates(ckpt_dir):
         try:
-            payload = load(path, map_location)
+            return path, load(path, map_location)
         except CheckpointError as exc:
             warn(f"warning: {exc}; trying an older checkpoint")
-            continue
-        if best is None or payload.get("step", 0) > best[1].get("step", 0):
-            best = (path, payload)
-    return best
+    return None
+
+
+def read_weights(path: str | Path) -> dict:
+    """A training checkpoint's payload, or ``{"model": state_dict}`` for a plain weights file (an export, a
+    torchvision ``.pth``): the one reader that evaluation and fine-tuning share. ``module.`` / ``_orig_mod.``
+    prefixes of wrapped models are removed."""
+    payload = _read(path, "cpu")
+    if isinstance(payload, dict) and isinstance(payload.get("model"), dict):
+        return payload
+    if isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
+        return {"model": {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in payload.items()}}
+    raise CheckpointError(f"checkpoint {path} is neither a ddp_resnet checkpoint nor a state_dict of tensors")
 
 
 def check_compatible(payload: dict, model_name: str, num_classes: int, path: str | Path) -> None:

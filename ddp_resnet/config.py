@@ -1,16 +1,19 @@
 """Configuration: documented dataclasses, YAML recipes, dotted command-line overrides, validation.
 
-Every key is documented once, next to its default. ``load(path, overrides)`` returns a validated, frozen
-``Config``; anything wrong raises ``ConfigError`` with a one-line message that names the key and, where
-there is a fixed set, the valid choices. Validation runs before any process group or device work.
+Every key is documented once, next to its default; keys with a fixed set of values declare it once, as a
+``Literal`` type, from which validation and the tools' argparse ``choices`` (``choices(key)``) derive.
+``resolve(path, overrides, base)`` (``load`` without a base) returns a validated, frozen ``Config``;
+anything wrong raises ``ConfigError`` with a one-line message that names the key and, where there is a fixed set,
+the valid choices. Validation runs before any process group or device work.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -22,27 +25,29 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "resnet18"  # any name from ddp_resnet.models.list_models()
-    stem: str = "auto"  # auto (cifar for 32 px inputs, imagenet otherwise) | cifar | imagenet
+    stem: Literal["auto", "cifar", "imagenet"] = "auto"  # auto: cifar for inputs up to 64 px, imagenet otherwise
     zero_init_residual: bool = False  # last BN gamma of each residual block starts at 0
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "synthetic"  # cifar10 | cifar100 | imagefolder | synthetic
+    dataset: Literal["cifar10", "cifar100", "imagefolder", "synthetic"] = "synthetic"
     root: str = "data"  # cifar: dir holding cifar-10-batches-py/; imagefolder: dir holding train/ and val/ or test/
     download: bool = False  # cifar only: download (checksummed) when the files are missing
     batch_size: int = 128  # GLOBAL batch per optimizer step, split evenly over ranks (and accumulation steps)
     eval_batch_size: int = 0  # global eval batch; 0 = 2 x batch_size
-    loader: str = "auto"  # auto (gpu for cifar/synthetic on CUDA) | dataloader | gpu (device-resident uint8 data)
+    loader: Literal["auto", "dataloader", "gpu"] = "auto"  # auto: gpu (device-resident uint8 data) for cifar/synthetic
+    #   on CUDA, else dataloader (worker processes)
     workers: int = 4  # DataLoader worker processes per rank
-    decode: str = "workers"  # imagefolder: workers (PIL decodes in DataLoader workers) | device (workers read the
-    #   files; JPEGs are decoded in batches on the training device with torchvision.io.decode_jpeg, nvJPEG on CUDA)
+    decode: Literal["workers", "device"] = "workers"  # imagefolder: workers (PIL decodes in DataLoader workers) or
+    #   device (workers read the files; JPEGs are decoded in batches on the training device, nvJPEG on CUDA)
     pin_memory: bool = True  # pinned host memory for DataLoader batches (CUDA only)
     persistent_workers: bool = True  # keep DataLoader workers alive between epochs
     prefetch_factor: int = 2  # batches prefetched per DataLoader worker
     image_size: int = 0  # training crop size; 0 = dataset default (32 for cifar, 224 for imagefolder)
     eval_resize: int = 0  # imagefolder eval: resize shorter side to this, then center-crop; 0 = image_size*8/7
-    augment: str = "auto"  # auto (crop_flip for 32 px data, rrc_flip otherwise) | none | flip | crop_flip | rrc_flip
+    augment: Literal["auto", "none", "flip", "crop_flip", "rrc_flip"] = "auto"  # auto: crop_flip for in-memory data
+    #   (cifar, synthetic), rrc_flip (random resized crop + flip) for imagefolder
     crop_padding: int = 4  # crop_flip: pixels of zero padding before the random crop
     mixup_alpha: float = 0.0  # > 0 enables mixup with Beta(alpha, alpha)
     cutmix_alpha: float = 0.0  # > 0 enables cutmix; with mixup too, one of the two is picked per batch
@@ -54,7 +59,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = "sgd"  # sgd | adamw
+    name: Literal["sgd", "adamw"] = "sgd"
     lr: float = 0.1  # peak learning rate (for the global batch, before the optional linear scaling)
     momentum: float = 0.9  # sgd momentum
     nesterov: bool = False  # sgd Nesterov momentum
@@ -62,17 +67,17 @@ class OptimConfig:
     weight_decay: float = 5e-4  # L2 / decoupled weight decay
     no_wd_bn_bias: bool = False  # exclude BatchNorm parameters and biases from weight decay
     lr_scale_ref_batch: int = 0  # linear scaling rule: lr *= batch_size / this; 0 = off
-    schedule: str = "cosine"  # cosine | multistep | onecycle | constant (stepped per iteration)
+    schedule: Literal["cosine", "multistep", "onecycle", "constant"] = "cosine"  # stepped per iteration
     warmup_epochs: float = 0.0  # linear warmup length in epochs (fractions allowed)
     warmup_start_factor: float = 0.1  # warmup starts at lr * this
     milestones: tuple = ()  # multistep: decay points, in units of `milestones_unit`
-    milestones_unit: str = "epoch"  # epoch | step
+    milestones_unit: Literal["epoch", "step"] = "epoch"
     gamma: float = 0.1  # multistep: factor applied at each milestone
     min_lr: float = 0.0  # cosine: final learning rate
     clip_grad_norm: float = 0.0  # > 0 clips the global gradient norm (after unscaling)
     accum_steps: int = 1  # gradient accumulation micro-steps per optimizer step
     ema_decay: float = 0.0  # > 0 keeps an exponential moving average of the weights (evaluated too)
-    fused: str = "auto"  # auto (fused on CUDA) | true | false: fused/foreach optimizer kernels
+    fused: Literal["auto", "true", "false"] = "auto"  # fused optimizer kernels (auto: on CUDA), else foreach
 
 
 @dataclass(frozen=True)
@@ -81,8 +86,8 @@ class TrainConfig:
     max_steps: int = 0  # training length in optimizer steps; 0 = epochs x steps per epoch
     run_steps: int = 0  # this invocation trains at most N more steps, then checkpoints and exits 0
     seed: int = 0  # seeds weights, data order and augmentation
-    device: str = "auto"  # auto | cpu | cuda
-    amp: str = "none"  # none | bf16 | fp16 (fp16 uses a GradScaler)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["none", "bf16", "fp16"] = "none"  # fp16 uses a GradScaler
     channels_last: bool = False  # NHWC memory format for model and inputs
     compile: bool = False  # torch.compile the model
     sync_bn: bool = False  # synchronize BatchNorm statistics across ranks
@@ -103,7 +108,7 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class DistConfig:
-    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
     timeout_s: int = 300  # collective timeout; a failed rank ends the job within this
     bucket_cap_mb: float = 0.0  # DDP gradient bucket size in MiB; 0 = DDP's default (a 1 MiB first bucket, then 25)
     static_graph: bool = False  # DDP static_graph (same parameters used every step); not with optim.accum_steps > 1
@@ -115,7 +120,7 @@ class DistConfig:
 @dataclass(frozen=True)
 class FinetuneConfig:
     checkpoint: str = ""  # local checkpoint (torchvision or ddp_resnet) to start from; the head is replaced
-    freeze: str = "none"  # none | backbone (train only the classifier head)
+    freeze: Literal["none", "backbone"] = "none"  # backbone: train only the classifier head
     stage_lr: dict = field(default_factory=dict)  # per-stage learning rates, e.g. {layer4: 1e-4, fc: 1e-3}
 
 
@@ -131,23 +136,6 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
-CHOICES = {
-    "model.stem": ("auto", "cifar", "imagenet"),
-    "data.dataset": ("cifar10", "cifar100", "imagefolder", "synthetic"),
-    "data.loader": ("auto", "dataloader", "gpu"),
-    "data.decode": ("workers", "device"),
-    "data.augment": ("auto", "none", "flip", "crop_flip", "rrc_flip"),
-    "optim.name": ("sgd", "adamw"),
-    "optim.schedule": ("cosine", "multistep", "onecycle", "constant"),
-    "optim.milestones_unit": ("epoch", "step"),
-    "optim.fused": ("auto", "true", "false"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "train.amp": ("none", "bf16", "fp16"),
-    "dist.backend": ("auto", "nccl", "gloo"),
-    "finetune.freeze": ("none", "backbone"),
-}
-
-
 # ----------------------------------------------------------------------------------------------- conversion
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
@@ -155,6 +143,12 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(key: str, value: Any, tp: Any, default: Any) -> Any:
     """Convert a YAML/CLI value to the field's type, or raise ConfigError naming the key."""
+    if typing.get_origin(tp) is Literal:
+        allowed = typing.get_args(tp)
+        text = _coerce(key, value, str, default)
+        if text not in allowed:
+            raise ConfigError(f"{key}: unknown value '{text}'; valid choices: {', '.join(allowed)}")
+        return text
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -263,23 +257,52 @@ def from_dict(tree: dict) -> Config:
     return cfg
 
 
-def load(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
-    """Read a YAML recipe (optional), apply dotted overrides, and return a validated Config."""
-    tree: dict = {}
+def _read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def resolve(path: str | Path | None = None, overrides: list[str] | tuple = (), base: dict | None = None) -> Config:
+    """The one way every tool builds its Config: ``base`` (e.g. a checkpoint's config), then the YAML recipe
+    merged over it, then the dotted overrides; validated."""
+    tree = copy.deepcopy(base) if base else {}
     if path:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections")
+        _merge(tree, _read_yaml(path))
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
     return from_dict(tree)
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """Read a YAML recipe (optional), apply dotted overrides, and return a validated Config."""
+    return resolve(path, overrides)
+
+
+def choices(key: str) -> tuple[str, ...]:
+    """The valid values of a dotted key with a fixed set of choices (for argparse), e.g. choices('train.amp')."""
+    cls: Any = Config
+    *sections, name = key.split(".")
+    for section in sections:
+        cls = typing.get_type_hints(cls)[section]
+    return typing.get_args(typing.get_type_hints(cls)[name])
 
 
 def replace(cfg: Config, **sections: dict) -> Config:
@@ -299,12 +322,6 @@ def save_yaml(cfg: Config, path: str | Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- validation
-def _check_choice(key: str, value: str) -> None:
-    choices = CHOICES[key]
-    if value not in choices:
-        raise ConfigError(f"{key}: unknown value '{value}'; valid choices: {', '.join(choices)}")
-
-
 def _positive(key: str, value: float, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
@@ -312,9 +329,6 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
 
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Check every value that can be checked without touching data or devices; raise ConfigError."""
-    for key in CHOICES:
-        section, name = key.split(".")
-        _check_choice(key, getattr(getattr(cfg, section), name))
     from ddp_resnet.models import list_models
 
     if cfg.model.name not in list_models():

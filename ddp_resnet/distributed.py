@@ -1,8 +1,10 @@
-"""The process environment: the ONLY reader of RANK / LOCAL_RANK / WORLD_SIZE / SLURM_* variables.
+"""The process environment: the ONLY reader (and writer) of RANK / LOCAL_RANK / WORLD_SIZE / SLURM_* variables.
 
 ``read_env()`` turns torchrun's variables, srun's SLURM_* variables, or nothing (a plain ``python -m`` run)
 into a ``LaunchInfo``; ``init(cfg)`` pins the device and creates the process group when there is more than
-one process, returning a ``DistEnv`` that the rest of the code is given.
+one process, returning a ``DistEnv`` that the rest of the code is given. The SLURM job side asks here for the
+job's id and restart count (``slurm_job``) and has the launcher variables of its tasks set here
+(``export_local_launch``, ``prepare_srun_task``).
 """
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -121,6 +126,40 @@ def read_env(environ: dict | None = None) -> LaunchInfo:
     return LaunchInfo()
 
 
+@dataclass(frozen=True)
+class SlurmJob:
+    """The SLURM job this process belongs to, as its variables say (empty id outside SLURM)."""
+
+    job_id: str = ""
+    restart_count: int = 0
+    cpus_per_task: int = 1
+
+
+def slurm_job(environ: dict | None = None) -> SlurmJob:
+    """The enclosing SLURM job's id, how often it was requeued, and its CPUs per task."""
+    env = os.environ if environ is None else environ
+    return SlurmJob(env.get("SLURM_JOB_ID", ""), int(env.get("SLURM_RESTART_COUNT", "0") or 0),
+                    int(env.get("SLURM_CPUS_PER_TASK", "1") or 1))
+
+
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+                  "TORCHELASTIC_RUN_ID")
+
+
+def export_local_launch(rank: int, world_size: int, local_rank: int, job_id: str) -> None:
+    """Give a task that a local (non-SLURM) executor started torchrun-style variables on localhost."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(slurm_port(job_id)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, world_size))))
+
+
+def prepare_srun_task() -> None:
+    """An srun task reads SLURM_* variables: drop torchrun variables it may have inherited; threads = its CPUs."""
+    for key in _TORCHRUN_VARS:
+        os.environ.pop(key, None)
+    os.environ.setdefault("OMP_NUM_THREADS", str(slurm_job().cpus_per_task))
+
+
 def resolve_device(requested: str, local_rank: int) -> torch.device:
     """The device this rank pins: cuda:LOCAL_RANK when CUDA is requested or available, else CPU."""
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
@@ -169,6 +208,29 @@ def init(device: str = "auto", backend: str = "auto", timeout_s: int = 300,
     return DistEnv(launch.rank, launch.world_size, launch.local_rank, dev, chosen, launch.launcher)
 
 
+def guarded(work: Callable[[], int], rank: int, what: str, usage_errors: tuple) -> int:
+    """Run a process's work and turn failures into exit codes, the same way in every tool.
+
+    An error of a ``usage_errors`` class (bad configuration, unusable checkpoint: every rank meets the same one)
+    exits 2 and is printed by rank 0 only; any other exception prints this rank's traceback and exits 1. With a
+    process group the process leaves at once (``os._exit``), so the other ranks' collectives fail instead of
+    waiting for it.
+    """
+    try:
+        return work()
+    except usage_errors as exc:
+        if rank == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        code = 2
+    except BaseException:
+        print(f"[rank {rank}] {what} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        code = 1
+    if dist.is_available() and dist.is_initialized():
+        sys.stdout.flush()
+        os._exit(code)
+    return code
+
+
 def cleanup() -> None:
     """Destroy the process group if one exists."""
     if dist.is_available() and dist.is_initialized():
@@ -195,6 +257,23 @@ def barrier(env: DistEnv) -> None:
             dist.barrier(device_ids=[env.device.index])
         else:
             dist.barrier()
+
+
+def share_from_rank0(fn, env: DistEnv | None):
+    """Run ``fn`` on rank 0 only and return its result on every rank; a ConfigError it raises is raised on every
+    rank (so each can exit cleanly, and only rank 0 needs to print it)."""
+    if env is None or not env.distributed:
+        return fn()
+    result = error = None
+    if env.is_main:
+        try:
+            result = fn()
+        except ConfigError as exc:
+            error = str(exc)
+    result, error = broadcast_object((result, error), env)
+    if error is not None:
+        raise ConfigError(error)
+    return result
 
 
 def broadcast_object(obj, env: DistEnv, src: int = 0):

@@ -5,12 +5,11 @@ export of ours) or a ddp_resnet training checkpoint (its ``model`` entry). Nothi
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddp_resnet.checkpoint import CheckpointError, read_weights
 from ddp_resnet.config import ConfigError, FinetuneConfig
 
 HEAD = "fc"
@@ -41,22 +40,6 @@ class FrozenBatchNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
-
-
-def read_weights(path: str | Path) -> dict:
-    """A state_dict from a plain weights file or a ddp_resnet checkpoint (weights_only loading)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"finetune.checkpoint: file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ConfigError(f"finetune.checkpoint: cannot load {path} ({type(exc).__name__})") from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict):
-        raise ConfigError(f"finetune.checkpoint: {path} holds no state_dict")
-    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
 
 
 def load_backbone(model: nn.Module, state: dict) -> list[str]:
@@ -98,7 +81,11 @@ def prepare(model: nn.Module, fcfg: FinetuneConfig, num_classes: int) -> nn.Modu
     if not isinstance(getattr(model, HEAD, None), nn.Linear):
         raise ConfigError(f"finetune: the model has no '{HEAD}' linear head to replace")
     if fcfg.checkpoint:
-        load_backbone(model, read_weights(fcfg.checkpoint))
+        try:
+            state = read_weights(fcfg.checkpoint)["model"]
+        except CheckpointError as exc:
+            raise ConfigError(f"finetune.checkpoint: {exc}") from None
+        load_backbone(model, state)
     if fcfg.freeze == "backbone":
         freeze_backbone(model)
     return model

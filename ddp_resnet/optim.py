@@ -35,14 +35,18 @@ def param_groups(model: nn.Module, ocfg: OptimConfig, lr: float, stage_lr: dict 
     return list(groups.values())
 
 
+def uses_fused(cfg: Config, device: torch.device) -> bool:
+    """Whether the optimizer runs fused kernels (``optim.fused``, auto: on CUDA) rather than foreach ones."""
+    return cfg.optim.fused == "true" or (cfg.optim.fused == "auto" and device.type == "cuda")
+
+
 def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
     """SGD (optionally Nesterov) or AdamW over the model's trainable parameters."""
     ocfg = cfg.optim
     groups = param_groups(model, ocfg, peak_lr(cfg), dict(cfg.finetune.stage_lr))
     if not groups:
         raise ValueError("no trainable parameters (is everything frozen?)")
-    fused = ocfg.fused == "true" or (ocfg.fused == "auto" and device.type == "cuda")
-    kernel = {"fused": True} if fused else {"foreach": True}
+    kernel = {"fused": True} if uses_fused(cfg, device) else {"foreach": True}
     if ocfg.name == "sgd":
         return torch.optim.SGD(groups, lr=peak_lr(cfg), momentum=ocfg.momentum, nesterov=ocfg.nesterov,
                                weight_decay=ocfg.weight_decay, **kernel)

@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import sys
 from pathlib import Path
 
 import torch
 
-from ddp_resnet import plots
+from ddp_resnet import plots, rundir
+from ddp_resnet.rundir import format_duration
 
 EXIT_OK, EXIT_USAGE = 0, 2
 TRAINING_FIGSIZE = (12.0, 8.0)  # inches; PNG pixels = inches x plots.DPI (1200 x 800)
@@ -41,46 +41,6 @@ SCAN_LIMIT = 1024  # test images looked at (at most) to find correct and incorre
 
 class ReportError(RuntimeError):
     """A run directory that cannot be reported on, described in one line."""
-
-
-# ----------------------------------------------------------------------------------------------- reading
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The run's per-epoch records (metrics.jsonl), oldest first."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise ReportError(f"{run_dir} holds no metrics.jsonl (is it a ddp_resnet run directory?)")
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise ReportError(f"{path}: line {number} is not JSON") from None
-    if not records:
-        raise ReportError(f"{path} is empty: the run has not finished an epoch yet")
-    return records
-
-
-def read_best(run_dir: Path, records: list[dict]) -> dict:
-    """best_eval.json, or (older/partial runs) the best evaluated record without the confusion matrix."""
-    path = run_dir / "best_eval.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    tested = [r for r in records if "test_acc" in r]
-    if not tested:
-        raise ReportError(f"{run_dir} has no evaluated epoch (no best_eval.json, no test_acc in metrics.jsonl)")
-    best = max(tested, key=lambda r: r["test_acc"])
-    return {"epoch": best["epoch"], "test_acc": best["test_acc"], "test_top5": best.get("test_top5"),
-            "test_loss": best.get("test_loss"), "count": best.get("test_count")}
-
-
-def find_checkpoint(run_dir: Path) -> Path | None:
-    """checkpoints/best.pt, else checkpoints/last.pt, else None."""
-    for name in ("best.pt", "last.pt"):
-        path = run_dir / "checkpoints" / name
-        if path.is_file():
-            return path
-    return None
 
 
 # ----------------------------------------------------------------------------------------------- numbers
@@ -149,14 +109,6 @@ def summary_numbers(records: list[dict], best: dict) -> dict:
         "final_epoch": int(last["epoch"]) + 1 if last else None,
         "total_time_s": total_time, "mean_img_per_s": sum(rates) / len(rates) if rates else None,
     }
-
-
-def format_duration(seconds: float) -> str:
-    """``1h02m03s`` / ``2m03s`` / ``4.5 s``."""
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    s = int(round(seconds))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def write_summary(path: Path, run_dir: Path, numbers: dict, config: dict, figures: list[str],
@@ -344,37 +296,23 @@ def plot_predictions(samples: dict, path: Path) -> Path:
 
 # ----------------------------------------------------------------------------------------------- predictions
 def load_model(checkpoint: Path, overrides: list[str] | tuple = (), device: str = "cpu"):
-    """(model in eval mode, config, data info) rebuilt from a training checkpoint's own config.
-
-    The network comes from ``ddp_resnet.models.build_model`` with ``train.resolve_stem``; fine-tuning settings
-    are ignored (the checkpoint holds the trained weights). Raises ReportError / ConfigError in one line.
-    """
+    """(model in eval mode, config, data info) rebuilt from a training checkpoint's own config (fine-tuning
+    settings aside: the checkpoint holds the trained weights). Raises ReportError / ConfigError in one line."""
+    from ddp_resnet import build
     from ddp_resnet import checkpoint as ckpt
     from ddp_resnet import config as config_mod
     from ddp_resnet import data as data_mod
-    from ddp_resnet.models import build_model
-    from ddp_resnet.train import resolve_stem
 
     try:
         payload = ckpt.load(checkpoint, "cpu")
+        if not isinstance(payload.get("config"), dict):
+            raise ReportError(f"checkpoint {checkpoint} holds no config to rebuild the model from")
+        cfg = config_mod.resolve(None, [*overrides, "finetune.checkpoint=", "finetune.freeze=none"],
+                                 base=payload["config"])
+        info = data_mod.describe(cfg.data)
+        return build.network_from_weights(cfg, info, payload["model"], checkpoint, torch.device(device)), cfg, info
     except ckpt.CheckpointError as exc:
         raise ReportError(str(exc)) from None
-    tree = payload.get("config")
-    if not isinstance(tree, dict):
-        raise ReportError(f"checkpoint {checkpoint} holds no config to rebuild the model from")
-    for text in overrides:
-        key, value = config_mod.parse_override(text)
-        config_mod._set_dotted(tree, key, value)
-    cfg = config_mod.from_dict(tree)
-    info = data_mod.describe(cfg.data)
-    model = build_model(cfg.model.name, num_classes=info.num_classes, stem=resolve_stem(cfg, info),
-                        zero_init_residual=cfg.model.zero_init_residual)
-    try:
-        model.load_state_dict(payload["model"])
-    except RuntimeError as exc:
-        raise ReportError(f"checkpoint {checkpoint} does not fit {cfg.model.name} with {info.num_classes} classes "
-                          f"({str(exc).splitlines()[0][:160]})") from None
-    return model.to(device).eval(), cfg, info
 
 
 def _spread_over_classes(items: list, count: int) -> list:
@@ -436,14 +374,12 @@ def make_report(run_dir: str | Path, out: str | Path | None = None, overrides: l
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"run directory {run_dir} does not exist")
-    records = read_metrics(run_dir)
-    best = read_best(run_dir, records)
-    config_path = run_dir / "config.yaml"
-    config = {}
-    if config_path.is_file():
-        import yaml
-
-        config = yaml.safe_load(config_path.read_text()) or {}
+    try:
+        records = rundir.read_metrics(run_dir, required=True)
+        best = rundir.read_best(run_dir, records)
+    except rundir.RunDirError as exc:
+        raise ReportError(str(exc)) from None
+    config = rundir.read_config(run_dir)
     out = Path(out) if out else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
@@ -466,7 +402,7 @@ def make_report(run_dir: str | Path, out: str | Path | None = None, overrides: l
         written["per_class.png"] = plot_table(metrics, names, out / "per_class.png")
     else:
         notes.append("no best_eval.json with a confusion matrix: confusion and per-class figures skipped")
-    checkpoint = find_checkpoint(run_dir)
+    checkpoint = rundir.find_checkpoint(run_dir)
     if checkpoint is None:
         notes.append("no checkpoint found: the prediction grid is skipped")
     else:

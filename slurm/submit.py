@@ -16,7 +16,7 @@ sys.path.insert(0, ROOT)
 _paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
 os.environ["PYTHONPATH"] = os.pathsep.join([ROOT, *_paths])
 
-from ddp_resnet.slurm import main  # noqa: E402
+from ddp_resnet.slurm.submit import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

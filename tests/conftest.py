@@ -11,6 +11,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+FAULTS = Path(__file__).resolve().parent / "faults"  # sitecustomize.py: DDP_RESNET_TEST_* fault injection
 
 # A run small enough for a few seconds on 2 CPU cores: ResNet-20 on 16 px synthetic images.
 TINY = [
@@ -26,7 +27,7 @@ def child_env(extra: dict | None = None) -> dict:
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
            and not k.startswith("SLURM_")}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(FAULTS), env.get("PYTHONPATH", "")])
     env.update(extra or {})
     return env
 

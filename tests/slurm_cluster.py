@@ -120,7 +120,7 @@ def launcher(args: list[str], env: dict | None = None, timeout_s: float = 600) -
     full_env = dict(os.environ)
     full_env.update(env or {})
     paths = [p for p in full_env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    full_env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *paths])
+    full_env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests" / "faults"), *paths])
     return subprocess.run([sys.executable, "-m", "ddp_resnet.slurm", *args], cwd=ROOT, env=full_env,
                           check=False, capture_output=True, text=True, timeout=timeout_s)
 

@@ -20,9 +20,9 @@ import torch
 
 from conftest import REPO, child_env, ok
 from ddp_resnet import bench, config, distributed, train
+from ddp_resnet.build import build_network
 from ddp_resnet.data import GPUTrainLoader, describe
 from ddp_resnet.optim import peak_lr
-from ddp_resnet.train import build_network
 
 SMALL = ["--device", "cpu", "--res", "32", "--steps", "1", "--warmup", "1", "--windows", "2"]
 LINE = re.compile(r"^(ours|torchvision)\s*: ([\d.]+) images/s median \(min ([\d.]+), max ([\d.]+)\) \| "

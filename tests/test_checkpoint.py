@@ -116,6 +116,17 @@ def test_truncated_last_checkpoint_falls_back_to_the_previous_valid_one(tmp_path
     assert "epoch_0001.pt: step 8" in proc.stdout
 
 
+def test_auto_resume_reads_only_last_pt_when_it_loads(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    ok(run_train(out, "train.epochs=3", "train.run_steps=8"))
+    assert (out / "checkpoints/epoch_0001.pt").is_file()
+    read = []
+    real_load = ckpt.load
+    monkeypatch.setattr(ckpt, "load", lambda path, *a, **k: read.append(Path(path).name) or real_load(path, *a, **k))
+    path, payload = ckpt.load_latest_valid(out / "checkpoints", warn=pytest.fail)
+    assert (path.name, payload["step"], read) == ("last.pt", 8, ["last.pt"])
+
+
 def test_checkpoint_of_another_model_is_refused_with_the_reason(tmp_path):
     out = tmp_path / "run"
     ok(run_train(out, "train.epochs=1"))

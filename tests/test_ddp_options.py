@@ -11,8 +11,8 @@ import torch.distributed as dist
 
 from conftest import assert_bitwise_equal, metrics, ok, run_train, weights
 from ddp_resnet import config, evaluate
+from ddp_resnet.build import wrap_ddp
 from ddp_resnet.models import build_model
-from ddp_resnet.train import _wrap
 
 COMMON = ("train.epochs=2", "optim.ema_decay=0.9", "data.augment=crop_flip")
 TUNED = ("dist.static_graph=true", "dist.bucket_cap_mb=0.05", "dist.gradient_as_bucket_view=false",
@@ -82,7 +82,7 @@ def _buckets_after_two_steps(store, *overrides: str):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", FutureWarning)  # no deprecated DDP argument
-            ddp, _ = _wrap(build_model("resnet20", num_classes=10), config.load(None, list(overrides)),
+            ddp = wrap_ddp(build_model("resnet20", num_classes=10), config.load(None, list(overrides)),
                            SimpleNamespace(distributed=True, device=torch.device("cpu")))
         for _ in range(2):
             ddp(torch.randn(2, 3, 16, 16)).sum().backward()

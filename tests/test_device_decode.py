@@ -163,9 +163,10 @@ def test_torchvisions_deprecation_warning_is_not_repeated_to_users(folder, recwa
 def test_training_with_device_decoding_resumes_bitwise_and_bad_use_is_refused(folder, tmp_path):
     data = [f"data.root={folder}", "data.dataset=imagefolder", "data.image_size=24", "data.batch_size=4",
             "data.decode=device", "model.name=resnet20", "train.epochs=2", "data.workers=1"]
-    whole, parts = tmp_path / "whole", tmp_path / "parts"
-    proc = ok(run_train(whole, *data, nproc=2))
+    whole, parts, scans = tmp_path / "whole", tmp_path / "parts", tmp_path / "scans.log"
+    proc = ok(run_train(whole, *data, nproc=2, env={"DDP_RESNET_TEST_SCAN_LOG": str(scans)}))
     assert "on imagefolder (JPEG decoding on cpu, " in proc.stdout
+    assert scans.read_text().split() == ["0"]  # one rank walked the tree, the other received its index
     ok(run_train(parts, *data, "train.run_steps=2", nproc=2))  # stops mid-epoch 0 (3 steps per epoch)
     ok(run_train(parts, *data, nproc=2))
     assert_bitwise_equal(weights(whole / "checkpoints/last.pt"), weights(parts / "checkpoints/last.pt"))

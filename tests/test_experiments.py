@@ -13,6 +13,7 @@ from PIL import Image
 
 from conftest import REPO, child_env, ok
 from ddp_resnet import config, experiments, plots
+from ddp_resnet.experiments import analyses
 
 # Even smaller than --smoke for the heavier recipes: 8 px images, 16 test images.
 TINIER = ["data.synthetic_image_size=8", "data.synthetic_test_size=16", "data.eval_batch_size=16"]
@@ -77,7 +78,7 @@ def test_degradation_smoke_trains_and_draws_train_and_test_error(tmp_path):
     for name in ("nameplain20", "nameresnet20"):
         records = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in records] == [2, 4]
-    w, h = experiments.CURVES_FIGSIZE_PER_PANEL
+    w, h = analyses.CURVES_FIGSIZE_PER_PANEL
     assert _png_size(out / "degradation.png") == plots.size_px(2 * w, h)  # a plain panel and a ResNet panel
     results = (out / "results.md").read_text()
     assert "| plain20 |" in results and "| resnet20 |" in results
@@ -94,7 +95,7 @@ def test_wd_ablation_smoke_runs_the_resnet18_recipe_with_both_weight_decays(tmp_
     for wd, name in ((5e-4, "weight_decay5e-4"), (1e-4, "weight_decay1e-4")):
         cfg = config.load(out / name / "config.yaml")
         assert (cfg.model.name, cfg.optim.weight_decay, cfg.optim.schedule) == ("resnet18", wd, "cosine")
-    w, h = experiments.CURVES_FIGSIZE_PER_PANEL
+    w, h = analyses.CURVES_FIGSIZE_PER_PANEL
     assert _png_size(out / "wd_ablation.png") == plots.size_px(2 * w, h)
     assert "weight_decay=5e-4" in (out / "results.md").read_text()
 
@@ -110,7 +111,7 @@ def test_depth_sweep_smoke_writes_the_error_vs_depth_table(tmp_path):
     assert all(0 <= float(r["final_test_error"]) <= 100 for r in rows)
     table = (out / "depth_table.md").read_text()
     assert "| resnet20 | 20 |" in table and "| resnet32 | 32 |" in table
-    assert _png_size(out / "depth_sweep.png") == plots.size_px(*experiments.DEPTH_FIGSIZE)
+    assert _png_size(out / "depth_sweep.png") == plots.size_px(*analyses.DEPTH_FIGSIZE)
 
 
 def test_gradient_flow_command_draws_per_block_norms_on_a_log_scale(tmp_path):
@@ -124,7 +125,7 @@ def test_gradient_flow_command_draws_per_block_norms_on_a_log_scale(tmp_path):
         # stem, 27 blocks (3 stages x 9), classifier
         assert entry["blocks"][0] == "stem" and entry["blocks"][-1] == "fc" and len(entry["blocks"]) == 29
         assert all(math.isfinite(n) and n > 0 for n in entry["grad_norm"])
-    assert _png_size(out / "gradient_flow.png") == plots.size_px(*experiments.GRADIENT_FIGSIZE)
+    assert _png_size(out / "gradient_flow.png") == plots.size_px(*analyses.GRADIENT_FIGSIZE)
     with open(out / "gradient_flow.csv") as f:
         assert len(list(csv.DictReader(f))) == 2 * 29
 
@@ -134,7 +135,7 @@ def test_block_gradient_norms_match_the_parameters_gradients():
 
     torch.manual_seed(0)
     model = build_model("resnet20", num_classes=10)
-    norms, loss = experiments.gradient_norms(model, torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]))
+    norms, loss = analyses.gradient_norms(model, torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]))
     names = [k for k, _ in norms]
     assert names == ["stem"] + [f"layer{s}.{b}" for s in (1, 2, 3) for b in range(3)] + ["fc"]
     block = dict(norms)["layer2.1"]

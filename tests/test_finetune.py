@@ -6,7 +6,8 @@ import torch
 import torchvision
 
 from conftest import REPO, TINY, ok, run_train, weights
-from ddp_resnet import config, distributed, finetune, train
+from ddp_resnet import config, distributed, finetune
+from ddp_resnet import trainer as trainer_mod
 from ddp_resnet.config import ConfigError
 from ddp_resnet.models import build_model
 
@@ -79,9 +80,9 @@ def test_stage_learning_rates_become_optimizer_param_groups(tv_weights, tmp_path
     overrides = [*TINY, *FT, f"output_dir={tmp_path / 'stages'}", f"finetune.checkpoint={tv_weights}",
                  "finetune.stage_lr={layer4: 1e-4, fc: 1e-3}", "optim.lr=0.01", "optim.schedule=constant"]
     cfg = config.load(None, overrides)
-    plan = train.plan_run(cfg, distributed.LaunchInfo())
-    trainer = train.Trainer(plan, distributed.init("cpu", "gloo", 60, plan.launch))
-    by_lr = {g["lr"]: {id(p) for p in g["params"]} for g in trainer.optimizer.param_groups}
+    plan = trainer_mod.plan_run(cfg, distributed.LaunchInfo())
+    trainer = trainer_mod.Trainer(cfg, plan.info, distributed.init("cpu", "gloo", 60, plan.launch))
+    by_lr = {g["lr"]: {id(p) for p in g["params"]} for g in trainer.parts.optimizer.param_groups}
     assert sorted(by_lr) == [1e-4, 1e-3, 0.01]
     model = trainer.bare
     assert by_lr[1e-3] == {id(model.fc.weight), id(model.fc.bias)}

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ddp_resnet import slurm
+from ddp_resnet.rundir import read_jsonl
+from ddp_resnet.slurm import job, submit, sweep
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_RECIPE = """\
@@ -36,11 +37,11 @@ def recipe(tmp_path):
 @pytest.fixture(autouse=True)
 def no_slurm(monkeypatch):
     """Behave the same whether or not SLURM is installed here: no sinfo, no sbatch."""
-    monkeypatch.setattr(slurm, "slurm_available", lambda: False)
+    monkeypatch.setattr(submit, "slurm_available", lambda: False)
 
 
 def run_main(capsys, *argv):
-    code = slurm.main([str(a) for a in argv])
+    code = submit.main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -54,22 +55,22 @@ GPU_ARGS = ("--nodes", "2", "--gpus-per-node", "8", "--partition", "gpu", "--tim
     ("0-01:00:01", 61),
 ])
 def test_parse_time(text, minutes):
-    assert slurm.parse_time(text) == minutes
+    assert submit.parse_time(text) == minutes
 
 
 @pytest.mark.parametrize("text", ["", "4h", "1:2:3:4", "-5"])
 def test_parse_time_rejects(text):
-    with pytest.raises(slurm.UsageError, match="--time"):
-        slurm.parse_time(text)
+    with pytest.raises(submit.UsageError, match="--time"):
+        submit.parse_time(text)
 
 
 def test_split_values_keeps_brackets():
-    assert slurm.split_values("0.1, 0.2,[30,60],(1,2)") == ["0.1", "0.2", "[30,60]", "(1,2)"]
+    assert sweep.split_values("0.1, 0.2,[30,60],(1,2)") == ["0.1", "0.2", "[30,60]", "(1,2)"]
 
 
 def test_sweep_product_and_names():
-    sweeps = slurm.parse_sweeps(["optim.lr=0.05,0.1,0.2", "optim.weight_decay=1e-4,5e-4"])
-    points = slurm.point_names(sweeps)
+    sweeps = sweep.parse_sweeps(["optim.lr=0.05,0.1,0.2", "optim.weight_decay=1e-4,5e-4"])
+    points = sweep.point_names(sweeps)
     assert len(points) == 6
     assert points[0] == (["optim.lr=0.05", "optim.weight_decay=1e-4"], "lr0.05_weight_decay1e-4")
     assert points[-1] == (["optim.lr=0.2", "optim.weight_decay=5e-4"], "lr0.2_weight_decay5e-4")
@@ -77,9 +78,9 @@ def test_sweep_product_and_names():
 
 
 def test_sweep_names_disambiguate():
-    same_last = slurm.point_names(slurm.parse_sweeps(["optim.lr=0.1", "finetune.lr=0.2"]))
+    same_last = sweep.point_names(sweep.parse_sweeps(["optim.lr=0.1", "finetune.lr=0.2"]))
     assert same_last[0][1] == "optim.lr0.1_finetune.lr0.2"
-    clash = slurm.point_names(slurm.parse_sweeps(["data.root=a/b,a-b"]))  # both slug to root a-b
+    clash = sweep.point_names(sweep.parse_sweeps(["data.root=a/b,a-b"]))  # both slug to root a-b
     assert [n for _, n in clash] == ["0_roota-b", "1_roota-b"]
 
 
@@ -91,23 +92,23 @@ def test_sweep_names_disambiguate():
     (["output_dir=a,b"], "not allowed"),
 ])
 def test_parse_sweeps_rejects(items, match):
-    with pytest.raises(slurm.UsageError, match=match):
-        slurm.parse_sweeps(items)
+    with pytest.raises(sweep.SweepError, match=match):
+        sweep.parse_sweeps(items)
 
 
 def test_classify_stop():
-    assert slurm.classify_stop(100, 3600, 120) == "preemption"
-    assert slurm.classify_stop(3600 - 120 - 30, 3600, 120) == "timeout"
-    assert slurm.classify_stop(3600 - 120 - slurm.TIMEOUT_GRACE_S - 1, 3600, 120) == "preemption"
-    assert slurm.classify_stop(10**6, None, 120) == "preemption"  # no limit: never a time-out
-    assert slurm.classify_stop(10, 120, 120) == "timeout"  # a limit inside the warning window
+    assert job.classify_stop(100, 3600, 120) == "preemption"
+    assert job.classify_stop(3600 - 120 - 30, 3600, 120) == "timeout"
+    assert job.classify_stop(3600 - 120 - job.TIMEOUT_GRACE_S - 1, 3600, 120) == "preemption"
+    assert job.classify_stop(10**6, None, 120) == "preemption"  # no limit: never a time-out
+    assert job.classify_stop(10, 120, 120) == "timeout"  # a limit inside the warning window
 
 
 def test_slurm_durations():
-    assert slurm._seconds("00:01:05") == 65
-    assert slurm._seconds("1-00:00:00") == 86400
-    assert slurm._seconds("05:00") == 300
-    assert slurm._seconds("UNLIMITED") is None
+    assert job.parse_duration("00:01:05") == 65
+    assert job.parse_duration("1-00:00:00") == 86400
+    assert job.parse_duration("05:00") == 300
+    assert job.parse_duration("UNLIMITED") is None
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -158,8 +159,8 @@ def test_without_slurm_submission_points_to_local_or_dry_run(capsys, recipe):
 
 
 def test_unknown_partition(capsys, recipe, monkeypatch):
-    monkeypatch.setattr(slurm, "slurm_available", lambda: True)
-    monkeypatch.setattr(slurm, "slurm_partitions", lambda: ["cpu", "debug"])
+    monkeypatch.setattr(submit, "slurm_available", lambda: True)
+    monkeypatch.setattr(submit, "slurm_partitions", lambda: ["cpu", "debug"])
     code, _, err = run_main(capsys, "--config", recipe, *GPU_ARGS)
     assert code == 2
     assert err.strip() == "ddp_resnet.slurm: error: --partition: 'gpu' does not exist; available: cpu, debug"
@@ -168,12 +169,12 @@ def test_unknown_partition(capsys, recipe, monkeypatch):
 def test_help_and_checks_work_without_submitit(recipe):
     code = (
         "import sys; sys.modules['submitit'] = None\n"  # importing submitit now fails
-        "from ddp_resnet import slurm\n"
-        f"args = slurm.parse_args(['--config', {str(recipe)!r}, '--gpus-per-node', '0', '--tasks-per-node', '2',"
+        "from ddp_resnet.slurm import submit\n"
+        f"args = submit.parse_args(['--config', {str(recipe)!r}, '--gpus-per-node', '0', '--tasks-per-node', '2',"
         " '--dry-run'])\n"
-        "plan = slurm.make_plan(args)\n"
+        "plan = submit.make_plan(args)\n"
         "assert plan.world_size == 2, plan\n"
-        "slurm.main(['--help'])\n"
+        "submit.main(['--help'])\n"
     )
     res = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=REPO,
                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
@@ -237,9 +238,9 @@ def test_dry_run_sweep_is_one_array(capsys, recipe, tmp_path):
 
 
 def test_plan_sweep_points(recipe, tmp_path):
-    args = slurm.parse_args(["--config", str(recipe), *GPU_ARGS, "--sweep", "optim.lr=0.1,0.2", "train.epochs=3",
+    args = submit.parse_args(["--config", str(recipe), *GPU_ARGS, "--sweep", "optim.lr=0.1,0.2", "train.epochs=3",
                              "--dry-run"])
-    plan = slurm.make_plan(args)
+    plan = submit.make_plan(args)
     assert plan.world_size == 16 and len(plan.points) == 2
     point = plan.points[1]
     assert point.overrides == ("optim.lr=0.2",)
@@ -251,9 +252,9 @@ def test_plan_sweep_points(recipe, tmp_path):
 def test_relative_paths_become_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "r.yaml").write_text("model:\n  name: resnet20\n")
-    args = slurm.parse_args(["--config", "r.yaml", "output_dir=runs/a", "--gpus-per-node", "0", "--log-dir", "logs",
+    args = submit.parse_args(["--config", "r.yaml", "output_dir=runs/a", "--gpus-per-node", "0", "--log-dir", "logs",
                               "--dry-run"])
-    plan = slurm.make_plan(args)
+    plan = submit.make_plan(args)
     assert plan.points[0].argv[:2] == ("--config", str(tmp_path / "r.yaml"))
     assert plan.points[0].argv[-1] == f"output_dir={tmp_path / 'runs' / 'a'}"
     assert "output_dir=runs/a" not in plan.points[0].argv
@@ -262,21 +263,16 @@ def test_relative_paths_become_absolute(tmp_path, monkeypatch):
 
 
 def test_local_executor_parameters(recipe):
-    plan = slurm.make_plan(slurm.parse_args(["--config", str(recipe), "--gpus-per-node", "0",
+    plan = submit.make_plan(submit.parse_args(["--config", str(recipe), "--gpus-per-node", "0",
                                              "--tasks-per-node", "2", "--local", "--time", "5"]))
     assert plan.cluster == "local"
-    params = slurm.executor_parameters(plan)
-    assert params == {"name": "run", "timeout_min": 5, "nodes": 1, "tasks_per_node": 2}
+    params = submit.executor_parameters(plan)
+    assert params == {"timeout_min": 5, "tasks_per_node": 2, "signal_delay_s": 120}
 
 
 # ------------------------------------------------------------------------------------------------ the task
-class FakeJobEnv:
-    def __init__(self, rank=0, job_id="123"):
-        self.global_rank, self.job_id = rank, job_id
-
-
 def make_task(tmp_path, cluster="slurm", max_timeouts=2):
-    return slurm.TrainTask(["--config", "x.yaml"], cluster, 3600, 120, max_timeouts, str(tmp_path))
+    return job.TrainTask(["--config", "x.yaml"], cluster, 3600, 120, max_timeouts, str(tmp_path))
 
 
 @pytest.fixture()
@@ -284,23 +280,23 @@ def scontrol(monkeypatch):
     """Fake `scontrol show job` fields and record `scontrol requeue` calls."""
     state = {"fields": {"JobState": "RUNNING", "RunTime": "00:10:00", "TimeLimit": "01:00:00"}, "calls": [],
              "rc": 0}
-    monkeypatch.setattr(slurm, "slurm_job_fields", lambda job_id: dict(state["fields"]))
+    monkeypatch.setattr(job, "slurm_job_fields", lambda job_id: dict(state["fields"]))
 
     def fake_run(cmd, **kwargs):
         state["calls"].append(cmd)
         return subprocess.CompletedProcess(cmd, state["rc"], "", "" if state["rc"] == 0 else "Job not running")
 
-    monkeypatch.setattr(slurm.subprocess, "run", fake_run)
+    monkeypatch.setattr(job.subprocess, "run", fake_run)
     return state
 
 
 def records(tmp_path, job_id="123"):
-    return slurm.read_records(tmp_path / f"{job_id}_requeues.jsonl")
+    return read_jsonl(tmp_path / f"{job_id}_requeues.jsonl")
 
 
 def test_preemption_requeues(tmp_path, scontrol):
     with pytest.raises(SystemExit) as exc:
-        make_task(tmp_path)._requeue_or_fail(FakeJobEnv(), started=time.time())
+        make_task(tmp_path).requeue_or_fail("123", started=time.time())
     assert exc.value.code == 0
     assert scontrol["calls"] == [["scontrol", "requeue", "123"]]
     (rec,) = records(tmp_path)
@@ -312,37 +308,37 @@ def test_timeouts_requeue_up_to_the_limit(tmp_path, scontrol):
     task = make_task(tmp_path, max_timeouts=2)
     for _ in range(2):
         with pytest.raises(SystemExit):
-            task._requeue_or_fail(FakeJobEnv(), started=time.time())
+            task.requeue_or_fail("123", started=time.time())
     with pytest.raises(RuntimeError, match=r"time limit 3 time\(s\)"):
-        task._requeue_or_fail(FakeJobEnv(), started=time.time())
+        task.requeue_or_fail("123", started=time.time())
     assert [r["reason"] for r in records(tmp_path)] == ["timeout"] * 3
     assert [r["requeue"] for r in records(tmp_path)] == [True, True, False]
     assert len(scontrol["calls"]) == 2
     # preemptions still requeue after that
     scontrol["fields"]["RunTime"] = "00:05:00"
     with pytest.raises(SystemExit):
-        task._requeue_or_fail(FakeJobEnv(), started=time.time())
+        task.requeue_or_fail("123", started=time.time())
     assert records(tmp_path)[-1]["reason"] == "preemption"
 
 
 def test_requeue_skipped_when_scheduler_already_requeues(tmp_path, scontrol):
     scontrol["fields"]["JobState"] = "PENDING"
     with pytest.raises(SystemExit) as exc:
-        make_task(tmp_path)._requeue_or_fail(FakeJobEnv(), started=time.time())
-    assert exc.value.code == slurm.EXIT_STOPPED and scontrol["calls"] == []
+        make_task(tmp_path).requeue_or_fail("123", started=time.time())
+    assert exc.value.code == job.EXIT_STOPPED and scontrol["calls"] == []
 
 
 def test_failed_requeue_exits_stopped(tmp_path, scontrol):
     scontrol["rc"] = 1
     with pytest.raises(SystemExit) as exc:
-        make_task(tmp_path)._requeue_or_fail(FakeJobEnv(), started=time.time())
-    assert exc.value.code == slurm.EXIT_STOPPED
+        make_task(tmp_path).requeue_or_fail("123", started=time.time())
+    assert exc.value.code == job.EXIT_STOPPED
 
 
 def test_local_requeue_uses_submitit_restart_code(tmp_path):
     with pytest.raises(SystemExit) as exc:
-        make_task(tmp_path, cluster="local")._requeue_or_fail(FakeJobEnv(), started=time.time())
-    assert exc.value.code == slurm.LOCAL_REQUEUE_EXIT
+        make_task(tmp_path, cluster="local").requeue_or_fail("123", started=time.time())
+    assert exc.value.code == job.LOCAL_REQUEUE_EXIT
 
 
 @pytest.fixture()
@@ -418,14 +414,14 @@ def test_task_is_checkpointable(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ output
 def test_submitted_table(capsys, recipe):
-    plan = slurm.make_plan(slurm.parse_args(["--config", str(recipe), *GPU_ARGS, "--sweep", "optim.lr=0.1,0.2",
+    plan = submit.make_plan(submit.parse_args(["--config", str(recipe), *GPU_ARGS, "--sweep", "optim.lr=0.1,0.2",
                                              "--dry-run"]))
-    subs = [slurm.Submitted(p, f"77_{p.index}", "o", "e") for p in plan.points]
-    slurm.print_submitted(plan, subs)
+    subs = [submit.Submitted(p, f"77_{p.index}", "o", "e") for p in plan.points]
+    submit.print_submitted(plan, subs)
     out = capsys.readouterr().out
     assert "job_id  overrides     output_dir" in out
     assert f"77_1    optim.lr=0.2  {plan.points[1].output_dir}" in out
-    slurm.write_sweep_index(plan, subs)
+    submit.write_sweep_index(plan, subs)
     index = json.loads((Path(plan.output_dir) / "sweep.json").read_text())
     assert index["keys"] == ["optim.lr"] and index["jobs"][1]["job_id"] == "77_1"
 
@@ -455,3 +451,26 @@ def test_submit_script_help(tmp_path):
                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "--gpus-per-node" in res.stdout
+
+
+def test_the_job_side_and_the_trainer_agree_on_the_stop_code():
+    from ddp_resnet import trainer
+
+    assert job.EXIT_STOPPED == trainer.EXIT_STOPPED
+
+
+def test_the_sbatch_template_asks_the_same_requeue_policy(tmp_path, scontrol, monkeypatch):
+    """`python -m ddp_resnet.slurm.job` (what slurm/train.sbatch runs): exit 0 = requeue, 3 = not; recorded."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert job.main(["--state-dir", str(tmp_path)]) == job.EXIT_NO_REQUEUE  # not inside a job
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    scontrol["fields"]["RunTime"] = "00:58:30"  # inside the warning window of the 1 h limit: a time-out
+    assert job.main(["--state-dir", str(tmp_path), "--max-timeouts", "1"]) == 0
+    assert job.main(["--state-dir", str(tmp_path), "--max-timeouts", "1"]) == job.EXIT_NO_REQUEUE
+    scontrol["fields"]["RunTime"] = "00:05:00"  # a preemption always requeues
+    assert job.main(["--state-dir", str(tmp_path), "--max-timeouts", "1"]) == 0
+    assert [(r["reason"], r["requeue"]) for r in records(tmp_path)] == [
+        ("timeout", True), ("timeout", False), ("preemption", True)]
+    assert scontrol["calls"] == []  # deciding never requeues by itself: the template runs scontrol
+    text = (REPO / "slurm" / "train.sbatch").read_text()
+    assert "-m ddp_resnet.slurm.job --state-dir" in text

@@ -1,7 +1,9 @@
 """ImageFolder layout: ``root/train/<class>/<image>`` and ``root/val/<class>/...`` (or ``root/test``).
 
 Class names are the sorted sub-folder names of ``train/``; the evaluation split is labelled with the train
-split's class indices (a class missing from it is simply absent). Scans are cached per folder.
+split's class indices (a class missing from it is simply absent). A scan gives a ``FolderIndex``; in a
+distributed run one rank builds it and sends it to the others (``pack`` / ``unpack``: paths relative to the root),
+so N ranks do not walk a million files on shared storage N times. Scans are cached per folder.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 from PIL import Image
 
@@ -45,9 +48,29 @@ def _scan(split_dir: Path, classes: list[str]) -> list[tuple[str, int]]:
     return samples
 
 
+class FolderIndex(NamedTuple):
+    """An ImageFolder tree's classes and ``(path, label)`` samples of both splits."""
+
+    classes: list[str]
+    train: list[tuple[str, int]]
+    evals: list[tuple[str, int]]
+
+    def pack(self, root: str) -> tuple:
+        """A compact picklable form (paths relative to ``root``) to send to other ranks."""
+        cut = len(os.path.join(root, ""))
+        return (self.classes, [(p[cut:], y) for p, y in self.train], [(p[cut:], y) for p, y in self.evals])
+
+    @classmethod
+    def unpack(cls, root: str, packed: tuple) -> FolderIndex:
+        """The index ``pack`` described, with absolute paths again."""
+        classes, train, evals = packed
+        return cls(classes, [(os.path.join(root, p), y) for p, y in train],
+                   [(os.path.join(root, p), y) for p, y in evals])
+
+
 @functools.lru_cache(maxsize=4)
-def scan_imagefolder(root: str) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, int]]]:
-    """``(class_names, train_samples, eval_samples)`` with samples as ``(path, label)``; cached per root."""
+def scan_imagefolder(root: str) -> FolderIndex:
+    """Walk the tree once (cached per root): ``(classes, train, evals)`` with samples as ``(path, label)``."""
     train_dir, eval_dir = split_dirs(root)
     classes = _class_names(train_dir)
     if not classes:
@@ -57,7 +80,7 @@ def scan_imagefolder(root: str) -> tuple[list[str], list[tuple[str, int]], list[
         raise ConfigError(f"data.root: no images ({', '.join(IMG_EXTENSIONS)}) under {train_dir}")
     if not evals:
         raise ConfigError(f"data.root: no images under {eval_dir} in the train split's class folders")
-    return classes, train, evals
+    return FolderIndex(classes, train, evals)
 
 
 def load_rgb(path: str) -> Image.Image:

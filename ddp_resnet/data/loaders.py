@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,6 +77,7 @@ class DataInfo:
     train_size: int
     test_size: int
     augment: str  # resolved: none | flip | crop_flip | rrc_flip
+    index: imagefolder.FolderIndex | None = field(default=None, repr=False, compare=False)  # imagefolder samples
 
 
 # ------------------------------------------------------------------------------------------ raw data (cached)
@@ -146,8 +147,21 @@ def _resolve_augment(cfg: DataConfig) -> str:
     return "crop_flip" if cfg.dataset in TENSOR_DATASETS else "rrc_flip"
 
 
-def describe(data_cfg: DataConfig) -> DataInfo:
-    """Validate that the data exists (downloading CIFAR if asked) and describe it; raises ``ConfigError``."""
+def check(data_cfg: DataConfig) -> None:
+    """The cheap checks every rank can make before the process group starts: the data is where the config says
+    (an ImageFolder's split directories exist; CIFAR files are present, or downloaded). Raises ``ConfigError``."""
+    if data_cfg.dataset == "imagefolder":
+        imagefolder.split_dirs(data_cfg.root)
+    elif data_cfg.dataset in cifar.SPECS:
+        cifar.ensure_cifar(data_cfg.root, data_cfg.dataset, data_cfg.download)
+
+
+def describe(data_cfg: DataConfig, share: Callable | None = None) -> DataInfo:
+    """Validate that the data exists (downloading CIFAR if asked) and describe it; raises ``ConfigError``.
+
+    ``share(fn)``, when given, runs ``fn`` on one rank and returns its result (or raises its ConfigError) on
+    every rank: an ImageFolder tree is then walked once, not once per rank.
+    """
     cfg = data_cfg
     augment = _resolve_augment(cfg)
     if cfg.loader == "gpu" and cfg.dataset not in TENSOR_DATASETS:
@@ -161,13 +175,15 @@ def describe(data_cfg: DataConfig) -> DataInfo:
         )
     mean, std = _STATS[cfg.dataset]
     if cfg.dataset == "imagefolder":
-        names, train, evals = imagefolder.scan_imagefolder(str(Path(cfg.root).resolve()))
-        return DataInfo(len(names), list(names), cfg.image_size or 224, mean, std, len(train), len(evals), augment)
-    if cfg.dataset in cifar.SPECS:
-        cifar.ensure_cifar(cfg.root, cfg.dataset, cfg.download)
-        default_size = 32
-    else:
-        default_size = cfg.synthetic_image_size
+        root = str(Path(cfg.root).resolve())
+        if share is None:
+            index = imagefolder.scan_imagefolder(root)
+        else:
+            index = imagefolder.FolderIndex.unpack(root, share(lambda: imagefolder.scan_imagefolder(root).pack(root)))
+        return DataInfo(len(index.classes), list(index.classes), cfg.image_size or 224, mean, std, len(index.train),
+                        len(index.evals), augment, index)
+    check(cfg)
+    default_size = 32 if cfg.dataset in cifar.SPECS else cfg.synthetic_image_size
     data = _load_tensor_data(_tensor_key(cfg))
     return DataInfo(
         num_classes=len(data.class_names),
@@ -471,7 +487,7 @@ def build_train_loader(
         )
     decoder = None
     if cfg.dataset == "imagefolder":
-        _, samples, _ = imagefolder.scan_imagefolder(str(Path(cfg.root).resolve()))
+        samples = info.index.train
         if cfg.decode == "device":
             encoded = EncodedFolderTrain(samples, info.image_size, info.augment, cfg.crop_padding, seed)
             dataset, decoder = encoded, DeviceDecoder(device, encoded)
@@ -497,7 +513,7 @@ def build_eval_loader(
     start, end = shard_range(info.test_size, rank, world_size)
     normalize = Normalizer(info.mean, info.std, channels_last)
     if cfg.dataset == "imagefolder":
-        _, _, samples = imagefolder.scan_imagefolder(str(Path(cfg.root).resolve()))
+        samples = info.index.evals
         resize = cfg.eval_resize or int(info.image_size * 8 / 7)
         if cfg.decode == "device":
             encoded = EncodedFolderEval(samples, info.image_size, resize)
@@ -512,12 +528,3 @@ def build_eval_loader(
         start, end = 0, end - start
     return TensorEvalLoader(images, labels, start, end, batch, device, normalize)
 
-
-__all__ = [
-    "DataInfo",
-    "build_eval_loader",
-    "build_train_loader",
-    "describe",
-    "resolve_loader",
-    "shard_range",
-]

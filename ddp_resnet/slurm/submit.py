@@ -13,10 +13,10 @@ world size, local rank and the rendezvous address from srun's variables (port de
 Preemption and time limits: SLURM sends ``--signal`` (USR2) ``--signal-delay-s`` seconds before the time
 limit, and a scheduler preempting the job sends SIGTERM. The trainer catches both, the ranks agree at the
 next step boundary, rank 0 writes ``checkpoints/last.pt`` and every rank returns ``EXIT_STOPPED`` (75).
-Rank 0 then requeues the job (``scontrol requeue``); the same command restarts with ``ckpt.resume=auto``
-and continues exactly. A stop within ``--signal-delay-s`` + 90 s of the time limit counts as a time-out;
-after ``--max-timeouts`` of them the job fails instead of requeueing (resubmit the same command to go on).
-Preemptions requeue without limit. Each decision is appended to ``<log dir>/<job id>_requeues.jsonl``.
+Rank 0 then requeues the job (``scontrol requeue``) as ``ddp_resnet.slurm.job``'s policy decides: a stop within
+``--signal-delay-s`` + 90 s of the time limit counts as a time-out, and after ``--max-timeouts`` of them the job
+fails instead of requeueing (resubmit the same command to go on); preemptions requeue without limit. Each
+decision is appended to ``<log dir>/<job id>_requeues.jsonl``. The restart resumes exactly (``ckpt.resume=auto``).
 
 Any other non-zero exit code on any rank fails the whole job at once (srun kills the other ranks).
 
@@ -30,17 +30,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 import math
 import os
 import re
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,13 +47,12 @@ from typing import Any
 
 from ddp_resnet import config as config_lib
 from ddp_resnet.config import ConfigError
+from ddp_resnet.slurm.job import TrainTask, slurm_job_fields
+from ddp_resnet.slurm.sweep import SweepError, parse_sweeps, point_names, slug
 
 EXIT_OK = 0
 EXIT_USAGE = 2
-EXIT_STOPPED = 75  # ddp_resnet.train.EXIT_STOPPED: a stop signal arrived, last.pt written, requeue me
-LOCAL_REQUEUE_EXIT = 144  # submitit's local controller restarts all tasks when one exits with this code
 SIGNALS = ("USR2", "TERM")  # the signals the trainer turns into a checkpoint-and-stop
-TIMEOUT_GRACE_S = 90  # SLURM may send the warning signal up to ~60 s early; add slack for the stop itself
 KILL_ON_BAD_EXIT = "--kill-on-bad-exit=1"
 TERMINAL_STATES = {
     "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
@@ -138,70 +135,6 @@ def parse_time(text: str) -> int:
     else:
         seconds = a * 60
     return math.ceil(seconds / 60)
-
-
-def split_values(text: str) -> list[str]:
-    """Split `v1,v2,[1,2]` on the commas outside brackets -> ['v1', 'v2', '[1,2]']."""
-    out, depth, cur = [], 0, ""
-    for ch in text:
-        if ch in "[({":
-            depth += 1
-        elif ch in "])}":
-            depth -= 1
-        if ch == "," and depth == 0:
-            out.append(cur.strip())
-            cur = ""
-        else:
-            cur += ch
-    out.append(cur.strip())
-    return out
-
-
-def parse_sweeps(items: Sequence[str]) -> list[tuple[str, list[str]]]:
-    """`--sweep key=v1,v2` items -> [(key, [v1, v2]), ...] (key order kept; duplicates rejected)."""
-    sweeps: list[tuple[str, list[str]]] = []
-    for item in items:
-        if "=" not in item or item.startswith("="):
-            raise UsageError(f"--sweep '{item}': expected key=v1,v2,...")
-        key, raw = item.split("=", 1)
-        key = key.strip()
-        values = split_values(raw)
-        if not values or any(v == "" for v in values):
-            raise UsageError(f"--sweep '{item}': empty value")
-        if key == "output_dir":
-            raise UsageError("--sweep output_dir: not allowed (each sweep point gets its own output directory)")
-        if key in {k for k, _ in sweeps}:
-            raise UsageError(f"--sweep {key}: given twice; list all values in one --sweep")
-        if len(set(values)) != len(values):
-            raise UsageError(f"--sweep {key}: repeated value")
-        sweeps.append((key, values))
-    return sweeps
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._+=-]+", "-", text).strip("-") or "x"
-
-
-def point_names(sweeps: list[tuple[str, list[str]]]) -> list[tuple[list[str], str]]:
-    """The product of the sweeps: [(overrides, directory name), ...] in itertools.product order.
-
-    Names join `<last key part><value>` with '_' (e.g. lr0.05_weight_decay1e-4); the full dotted key is used
-    when two swept keys share their last part, and an index prefix is added if names still collide.
-    """
-    if not sweeps:
-        return [([], "")]
-    lasts = [k.split(".")[-1] for k, _ in sweeps]
-    labels = [k.split(".")[-1] if lasts.count(k.split(".")[-1]) == 1 else k for k, _ in sweeps]
-    points = []
-    for combo in itertools.product(*[values for _, values in sweeps]):
-        overrides = [f"{key}={value}" for (key, _), value in zip(sweeps, combo)]
-        name = "_".join(_slug(f"{label}{value}") for label, value in zip(labels, combo))
-        points.append((overrides, name))
-    names = [n for _, n in points]
-    if len(set(names)) != len(names):
-        width = len(str(len(points) - 1))
-        points = [(o, f"{i:0{width}d}_{n}") for i, (o, n) in enumerate(points)]
-    return points
 
 
 # ---------------------------------------------------------------------------------------------------- plan
@@ -353,7 +286,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     log_dir = str(Path(args.log_dir).expanduser().absolute()) if args.log_dir else str(Path(output_dir) / "slurm")
     return Plan(
         cluster=cluster, output_dir=output_dir, log_dir=log_dir, nodes=args.nodes, tasks_per_node=tasks,
-        gpus_per_node=gpus, time_min=time_min, job_name=args.job_name or _slug(Path(output_dir).name),
+        gpus_per_node=gpus, time_min=time_min, job_name=args.job_name or slug(Path(output_dir).name),
         points=tuple(points), partition=args.partition, account=args.account, qos=args.qos,
         constraint=args.constraint, cpus_per_task=args.cpus_per_task, mem=args.mem, signal=args.signal,
         signal_delay_s=args.signal_delay_s, max_timeouts=args.max_timeouts, sbatch_opts=sbatch_opts,
@@ -363,253 +296,64 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 # ---------------------------------------------------------------------------------------------------- executor
 def executor_parameters(plan: Plan) -> dict:
-    """AutoExecutor parameters (generic names, plus slurm_* ones) for the plan."""
+    """The parameters of submitit's executor for the plan: SlurmExecutor's (sbatch names) or LocalExecutor's."""
+    if plan.cluster == "local":
+        return {"timeout_min": plan.time_min, "tasks_per_node": plan.tasks_per_node,
+                "signal_delay_s": plan.signal_delay_s}
+    additional: dict[str, Any] = {"requeue": True}
+    additional.update(dict(plan.sbatch_opts))
+    additional["signal"] = f"{plan.signal}@{plan.signal_delay_s}"  # submitit would write USR2; ours is asked for
     params: dict[str, Any] = {
-        "name": plan.job_name, "timeout_min": plan.time_min, "nodes": plan.nodes,
-        "tasks_per_node": plan.tasks_per_node,
+        "job_name": plan.job_name, "time": plan.time_min, "nodes": plan.nodes, "ntasks_per_node": plan.tasks_per_node,
+        "signal_delay_s": plan.signal_delay_s, "srun_args": [KILL_ON_BAD_EXIT], "additional_parameters": additional,
     }
     if plan.gpus_per_node > 0:
         params["gpus_per_node"] = plan.gpus_per_node
     if plan.cpus_per_task is not None:
         params["cpus_per_task"] = plan.cpus_per_task
-    if plan.cluster == "slurm":
-        additional = {"requeue": True}
-        additional.update(dict(plan.sbatch_opts))
-        # submitit writes --signal=USR2@<delay>; this entry sets the signal we were asked for.
-        additional["signal"] = f"{plan.signal}@{plan.signal_delay_s}"
-        params.update(
-            slurm_signal_delay_s=plan.signal_delay_s,
-            slurm_srun_args=[KILL_ON_BAD_EXIT],
-            slurm_additional_parameters=additional,
-        )
-        if plan.signal != "USR2":  # submitit's own (pre-trainer) handler listens for the same signal
-            params["slurm_setup"] = [f"export SUBMITIT_PREEMPT_SIGNAL={plan.signal}"]
-        for key in ("partition", "account", "qos", "constraint", "mem"):
-            if getattr(plan, key) is not None:
-                params[f"slurm_{key}"] = getattr(plan, key)
-        if plan.array_parallelism is not None:
-            params["slurm_array_parallelism"] = plan.array_parallelism
+    if plan.signal != "USR2":  # submitit's own (pre-trainer) handler listens for the same signal
+        params["setup"] = [f"export SUBMITIT_PREEMPT_SIGNAL={plan.signal}"]
+    for key in ("partition", "account", "qos", "constraint", "mem", "array_parallelism"):
+        if getattr(plan, key) is not None:
+            params[key] = getattr(plan, key)
     return params
 
 
-class _SlurmOffline:
-    """Lets submitit build a SLURM executor (to render the sbatch script) where srun is not installed."""
-
-    def __enter__(self):
-        from submitit.slurm import slurm as submitit_slurm
-
-        self._cls = submitit_slurm.SlurmExecutor
-        self._saved = self._cls.__dict__["affinity"]
-        self._cls.affinity = classmethod(lambda cls: 2)
-        return self
-
-    def __exit__(self, *exc):
-        self._cls.affinity = self._saved
-        return False
-
-
-def make_executor(plan: Plan, offline: bool = False):
-    """A configured submitit AutoExecutor (cluster 'slurm' or 'local') writing into plan.log_dir."""
+def make_executor(plan: Plan):
+    """A configured submitit SlurmExecutor or LocalExecutor writing into plan.log_dir."""
     import submitit
 
-    kwargs = {f"{plan.cluster}_max_num_timeout": plan.max_timeouts}
-    if offline and plan.cluster == "slurm":
-        with _SlurmOffline():
-            executor = submitit.AutoExecutor(folder=plan.log_dir, cluster="slurm", **kwargs)
-    else:
-        Path(plan.log_dir).mkdir(parents=True, exist_ok=True)
-        executor = submitit.AutoExecutor(folder=plan.log_dir, cluster=plan.cluster, **kwargs)
+    Path(plan.log_dir).mkdir(parents=True, exist_ok=True)
+    kind = submitit.LocalExecutor if plan.cluster == "local" else submitit.SlurmExecutor
+    executor = kind(folder=plan.log_dir, max_num_timeout=plan.max_timeouts)
     executor.update_parameters(**executor_parameters(plan))
-    if plan.cluster == "local":
-        executor._executor.parameters["signal_delay_s"] = plan.signal_delay_s  # not settable via AutoExecutor
     return executor
 
 
 def sbatch_script(plan: Plan) -> str:
-    """The sbatch script submitit would submit (a job array over the sweep points when there are several)."""
-    from submitit.slurm import slurm as submitit_slurm
+    """The sbatch script a submission sends (a job array over the sweep points when there are several).
 
-    executor = make_executor(plan, offline=True)._executor
-    params = dict(executor.parameters)
-    if len(plan.points) > 1:
-        params["map_count"] = len(plan.points)
-    return submitit_slurm._make_sbatch_string(command=executor._submitit_command_str, folder=executor.folder,
-                                              **params)
-
-
-# ---------------------------------------------------------------------------------------------------- the task
-def classify_stop(run_s: float, limit_s: float | None, signal_delay_s: int) -> str:
-    """'timeout' when the stop came within the warning window before the time limit, else 'preemption'."""
-    if not limit_s:
-        return "preemption"
-    return "timeout" if run_s >= limit_s - signal_delay_s - TIMEOUT_GRACE_S else "preemption"
-
-
-def _seconds(text: str) -> float | None:
-    """SLURM duration ([D-]HH:MM:SS, MM:SS) -> seconds; None for UNLIMITED and the like."""
-    m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", text.strip())
-    if not m:
-        return None
-    d, h, mi, s = (int(x or 0) for x in m.groups())
-    return d * 86400 + h * 3600 + mi * 60 + s
-
-
-def slurm_job_fields(job_id: str) -> dict:
-    """`scontrol show job -o ID` as a dict of its Key=Value fields (first record; {} when unavailable)."""
-    try:
-        res = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], check=False, capture_output=True,
-                             text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    if res.returncode != 0 or not res.stdout.strip():
-        return {}
-    line = res.stdout.strip().splitlines()[0]
-    return dict(re.findall(r"(\w+)=(\S*)", line))
-
-
-def count_timeouts(records: list[dict]) -> int:
-    return sum(1 for r in records if r.get("reason") == "timeout")
-
-
-def read_records(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
-def _log(message: str) -> None:
-    print(f"[ddp_resnet.slurm] {message}", file=sys.stderr, flush=True)
-
-
-class TrainTask:
-    """The function every task runs: ddp_resnet.train.main(argv), then requeue on EXIT_STOPPED (rank 0).
-
-    Defines ``checkpoint`` so that submitit's own signal handler, active only until the trainer installs its
-    handlers, requeues the job as well (nothing to save yet: the restart resumes from the last checkpoint).
+    It is what submitit writes through its public ``submit``, run here against a stand-in ``sbatch`` that keeps
+    the script and answers with a job id: nothing reaches SLURM (which need not be installed), and the temporary
+    folder submitit wrote into is shown as ``plan.log_dir``.
     """
-
-    def __init__(self, argv: Sequence[str], cluster: str, time_limit_s: int, signal_delay_s: int,
-                 max_timeouts: int, state_dir: str) -> None:
-        self.argv = list(argv)
-        self.cluster = cluster
-        self.time_limit_s = time_limit_s
-        self.signal_delay_s = signal_delay_s
-        self.max_timeouts = max_timeouts
-        self.state_dir = state_dir
-
-    def checkpoint(self, *args: Any, **kwargs: Any):
-        from submitit.helpers import DelayedSubmission
-
-        return DelayedSubmission(self, *args, **kwargs)
-
-    # -- environment
-    def _prepare_env(self, job_env) -> None:
-        env = os.environ
-        if self.cluster == "local":  # submitit's local executor: set torchrun-style variables ourselves
-            from ddp_resnet.distributed import slurm_port
-
-            env["RANK"] = str(job_env.global_rank)
-            env["WORLD_SIZE"] = str(job_env.num_tasks)
-            env["LOCAL_RANK"] = str(job_env.local_rank)
-            env["LOCAL_WORLD_SIZE"] = str(job_env.num_tasks)
-            env["MASTER_ADDR"] = "127.0.0.1"
-            env["MASTER_PORT"] = str(slurm_port(str(job_env.job_id)))
-            threads = max(1, (os.cpu_count() or 1) // max(1, job_env.num_tasks))
-        else:  # srun: distributed.read_env reads SLURM_PROCID & co.; drop inherited torchrun variables
-            for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
-                        "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
-                env.pop(key, None)
-            threads = int(env.get("SLURM_CPUS_PER_TASK", "1") or 1)
-        env.setdefault("OMP_NUM_THREADS", str(threads))
-
-    def __call__(self) -> dict:
-        started = time.time()
-        import submitit
-
-        job_env = submitit.JobEnvironment()
-        self._prepare_env(job_env)
-        rank = job_env.global_rank
-        from ddp_resnet import train
-
-        stopped = getattr(train, "EXIT_STOPPED", EXIT_STOPPED)
+    with tempfile.TemporaryDirectory(prefix="ddp_resnet_dry_run_") as tmp:
+        bin_dir, script = Path(tmp, "bin"), Path(tmp, "script.sh")
+        bin_dir.mkdir()
+        for name, body in (("sbatch", f'cp "$1" {shlex.quote(str(script))}; echo "Submitted batch job 1"'),
+                           ("srun", "exit 0")):
+            (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+            (bin_dir / name).chmod(0o755)
+        folder = Path(tmp, "log")
+        saved_path = os.environ.get("PATH", "")
+        os.environ["PATH"] = f"{bin_dir}{os.pathsep}{saved_path}"
         try:
-            rc = train.main(list(self.argv))
-        except SystemExit as exc:  # a trainer that exits instead of returning
-            rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        rc = 0 if rc is None else int(rc)
-        if rc == 0:
-            return {"rank": rank, "exit_code": 0, "job_id": job_env.job_id, "argv": self.argv}
-        if rc != stopped:
-            # Raising makes submitit record the error; the non-zero exit makes srun kill the other ranks.
-            raise RuntimeError(f"ddp_resnet.train exited with code {rc} on rank {rank} (job {job_env.job_id})")
-        # EXIT_STOPPED: the checkpoint is on disk. Ignore further stop signals while deciding (a requeue
-        # terminates this job step anyway).
-        for sig in (signal.SIGUSR2, signal.SIGTERM):
-            signal.signal(sig, lambda *_: None)
-        if rank != 0:
-            raise SystemExit(0)  # exit 0: a non-zero exit here would make srun kill rank 0 before it requeues
-        self._requeue_or_fail(job_env, started)
-        raise AssertionError("unreachable")
-
-    def _requeue_or_fail(self, job_env, started: float) -> None:
-        job_id = str(job_env.job_id)
-        run_s, limit_s = time.time() - started, float(self.time_limit_s)
-        state = "RUNNING"
-        if self.cluster == "slurm":
-            fields = slurm_job_fields(os.environ.get("SLURM_JOB_ID", job_id))
-            run = _seconds(fields.get("RunTime", ""))
-            run_s = max(run_s, run or 0.0)  # the job started a little before this task
-            if "TimeLimit" in fields:
-                limit_s = _seconds(fields["TimeLimit"]) or 0.0  # UNLIMITED: never a time-out
-            state = fields.get("JobState", "RUNNING")
-        reason = classify_stop(run_s, limit_s, self.signal_delay_s)
-        path = Path(self.state_dir) / f"{job_id}_requeues.jsonl"
-        records = read_records(path)
-        timeouts = count_timeouts(records) + (reason == "timeout")
-        requeue = reason == "preemption" or timeouts <= self.max_timeouts
-        record = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "job_id": job_id, "host": socket.gethostname(),
-            "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0), "reason": reason,
-            "run_s": round(run_s, 1), "limit_s": limit_s, "timeouts": timeouts, "max_timeouts": self.max_timeouts,
-            "requeue": requeue,
-        }
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-        except OSError as exc:
-            _log(f"could not record the requeue decision in {path}: {exc}")
-        if not requeue:
-            raise RuntimeError(
-                f"stopped at the time limit {timeouts} time(s) (--max-timeouts {self.max_timeouts}); not requeued."
-                " The last checkpoint is in place: submit the same command again to continue."
-            )
-        _log(f"stopped ({reason}, ran {run_s:.0f}s of {limit_s:.0f}s, time-outs {timeouts}/{self.max_timeouts});"
-             f" requeueing job {job_id}")
-        if self.cluster == "local":
-            raise SystemExit(LOCAL_REQUEUE_EXIT)
-        if state != "RUNNING":  # the scheduler is already requeueing (or ending) the job, e.g. a preemption
-            _log(f"job {job_id} is already {state}; leaving it to the scheduler, exiting with {EXIT_STOPPED}")
-            raise SystemExit(EXIT_STOPPED)
-        try:
-            res = subprocess.run(["scontrol", "requeue", job_id], check=False, capture_output=True, text=True,
-                                 timeout=60)
-            ok, detail = res.returncode == 0, (res.stderr or res.stdout).strip()
-        except (OSError, subprocess.SubprocessError) as exc:
-            ok, detail = False, str(exc)
-        if not ok:  # e.g. the scheduler is already requeueing a preempted job
-            _log(f"scontrol requeue {job_id} failed: {detail}; exiting with {EXIT_STOPPED}")
-            raise SystemExit(EXIT_STOPPED)
-        raise SystemExit(0)
+            submit(dataclasses.replace(plan, log_dir=str(folder)))
+        finally:
+            os.environ["PATH"] = saved_path
+        return script.read_text().replace(str(folder), plan.log_dir)
 
 
-# ---------------------------------------------------------------------------------------------------- submit
 @dataclass
 class Submitted:
     point: Point
@@ -622,17 +366,13 @@ class Submitted:
 def submit(plan: Plan) -> list[Submitted]:
     """Submit the plan (one job, or one array over the sweep points) and return what was submitted."""
     executor = make_executor(plan)
-    tasks = [
-        TrainTask(p.argv, plan.cluster, plan.time_min * 60, plan.signal_delay_s, plan.max_timeouts, plan.log_dir)
-        for p in plan.points
-    ]
+    tasks = [TrainTask(p.argv, plan.cluster, plan.time_min * 60, plan.signal_delay_s, plan.max_timeouts, plan.log_dir)
+             for p in plan.points]
     if len(tasks) == 1:
         jobs = [executor.submit(tasks[0])]
     else:
-        jobs = []
         with executor.batch():
-            for task in tasks:
-                jobs.append(executor.submit(task))
+            jobs = [executor.submit(task) for task in tasks]
     return [Submitted(p, str(j.job_id), str(j.paths.stdout), str(j.paths.stderr), j)
             for p, j in zip(plan.points, jobs)]
 
@@ -723,8 +463,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Validate, then submit (or print with --dry-run, or run locally with --local). Returns an exit code."""
     try:
         args = parse_args(argv)
+    except UsageError as exc:
+        print(f"ddp_resnet.slurm: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return execute(args)
+
+
+def execute(args: argparse.Namespace) -> int:
+    """Plan and submit parsed arguments (what ``main`` does after parsing; experiments calls it too)."""
+    try:
         plan = make_plan(args)
-    except (UsageError, ConfigError) as exc:
+    except (UsageError, SweepError, ConfigError) as exc:
         print(f"ddp_resnet.slurm: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.dry_run:

@@ -1,0 +1,187 @@
+"""From a Config to runnable pieces: the one place train, bench, evaluate, report and experiments build them.
+
+* ``seed_everything``, ``apply_torch_flags``, ``micro_batch``: the run's seeds, torch backend flags, per-rank
+  micro-batch;
+* ``resolve_stem``, ``build_network`` (model, fine-tuning preparation, then ``place``: SyncBatchNorm and memory
+  format on the device), ``network_from_weights`` (a checkpoint's or an export's weights in the config's network);
+* ``wrap_ddp`` and ``build_step``: optimizer, schedule, GradScaler, EMA, DDP, torch.compile and the engine's
+  ``Stepper`` as one ``Step``, whose first call falls back to eager when compiling fails.
+"""
+from __future__ import annotations
+
+import gc
+import inspect
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ddp_resnet import checkpoint as ckpt
+from ddp_resnet.config import Config, ConfigError
+from ddp_resnet.engine import Stepper, StepSettings
+from ddp_resnet.models import build_model, is_cifar_only
+from ddp_resnet.optim import ModelEma, build_optimizer, build_scheduler
+from ddp_resnet.syncbn import convert_sync_batchnorm
+
+
+# --------------------------------------------------------------------------------------------- process state
+def seed_everything(seed: int, rank: int) -> None:
+    """Same weights on every rank (torch seed), distinct python/numpy streams per rank."""
+    torch.manual_seed(seed)
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+
+
+def apply_torch_flags(cfg: Config) -> None:
+    """Deterministic algorithms and the cudnn autotuner as the config asks."""
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark and not cfg.train.deterministic
+
+
+def micro_batch(cfg: Config, world_size: int) -> int:
+    """Images per rank per micro-step: the global batch over ranks and accumulation steps."""
+    return cfg.data.batch_size // (world_size * cfg.optim.accum_steps)
+
+
+# --------------------------------------------------------------------------------------------- networks
+def resolve_stem(cfg: Config, info) -> str | None:
+    """model.stem=auto: the CIFAR stem for small images, the ImageNet stem otherwise."""
+    if cfg.model.stem != "auto":
+        return cfg.model.stem
+    if is_cifar_only(cfg.model.name):
+        return None
+    return "cifar" if info.image_size <= 64 else "imagenet"
+
+
+def place(model: nn.Module, cfg: Config, device: torch.device, distributed: bool) -> nn.Module:
+    """SyncBatchNorm (with a process group and ``train.sync_bn``) and the memory format, on the device."""
+    if cfg.train.sync_bn and distributed:
+        model = convert_sync_batchnorm(model, device)
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    return model.to(device, memory_format=memory_format)
+
+
+def _bare_network(cfg: Config, info) -> nn.Module:
+    try:
+        return build_model(cfg.model.name, num_classes=info.num_classes, stem=resolve_stem(cfg, info),
+                           zero_init_residual=cfg.model.zero_init_residual)
+    except ValueError as exc:  # e.g. a CIFAR-only net with the ImageNet stem
+        raise ConfigError(f"model: {exc}") from None
+
+
+def build_network(cfg: Config, info, env) -> nn.Module:
+    """The bare model to train, on its device: built, fine-tune-prepared, SyncBN-converted, in its memory format."""
+    model = _bare_network(cfg, info)
+    if cfg.finetune.checkpoint or cfg.finetune.freeze != "none":
+        from ddp_resnet.finetune import prepare
+
+        prepare(model, cfg.finetune, info.num_classes)
+    return place(model, cfg, env.device, env.distributed)
+
+
+def network_from_weights(cfg: Config, info, state: dict, path: str | Path, device: torch.device) -> nn.Module:
+    """The config's network holding ``state`` (a checkpoint's ``model`` or ``ema``), on the device, in eval mode."""
+    ckpt.check_compatible({"model": state}, cfg.model.name, info.num_classes, path)
+    model = _bare_network(cfg, info)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise ckpt.CheckpointError(f"checkpoint {path} does not fit model {cfg.model.name} "
+                                   f"({' '.join(line.strip() for line in first[:2])[:200]})") from None
+    return place(model, cfg, device, distributed=False).eval()
+
+
+# --------------------------------------------------------------------------------------------- the step
+def wrap_ddp(bare: nn.Module, cfg: Config, env) -> DDP | None:
+    """DDP around the bare model with the config's options, when there is a process group (else None)."""
+    if not env.distributed:
+        return None
+    d = cfg.dist
+    # torch >= 2.13 renamed broadcast_buffers (now deprecated, with a warning) to forward_sync_buffers
+    renamed = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+    options = {"forward_sync_buffers" if renamed else "broadcast_buffers": d.forward_sync_buffers}
+    if d.bucket_cap_mb > 0:  # passing any size, even DDP's default 25, also drops DDP's small first bucket
+        options["bucket_cap_mb"] = d.bucket_cap_mb
+    return DDP(bare, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+               static_graph=d.static_graph, gradient_as_bucket_view=d.gradient_as_bucket_view, **options)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
+@dataclass
+class Step:
+    """One training step as train and bench run it: modules, optimizer, schedule, scaler, EMA, Stepper.
+
+    ``compiled`` is off | on | fallback. Calling it runs ``Stepper.step``; when the very first call of a
+    compiled model fails (compile errors surface there), the compiled graphs are dropped, the model is wrapped
+    again eagerly and the step retried, with a one-line note.
+    """
+
+    cfg: Config
+    env: object
+    bare: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    ema: ModelEma | None
+    stepper: Stepper
+    note: Callable[[str], None] = print
+    compiled: str = "off"
+    calls: int = 0
+
+    def __call__(self, micro_batches: list, step: int) -> torch.Tensor:
+        self.calls += 1
+        if self.calls > 1 or self.compiled != "on":
+            return self.stepper.step(micro_batches, step)
+        try:
+            return self.stepper.step(micro_batches, step)
+        except Exception as exc:  # noqa: BLE001 - any compile failure means: run eagerly
+            self.fall_back_to_eager(exc)
+            return self.stepper.step(micro_batches, step)
+
+    def fall_back_to_eager(self, exc: BaseException) -> None:
+        """Drop the compiled graphs (and a DDP wrapper that saw a half step) and continue eagerly."""
+        self.note(f"note: torch.compile failed in the first step ({_first_line(exc)}); falling back to eager")
+        import torch._dynamo
+
+        self.stepper.model = self.stepper.ddp = None
+        torch._dynamo.reset()
+        gc.collect()  # a discarded DDP's reducer removes its gradient hooks when it is freed
+        ddp = wrap_ddp(self.bare, self.cfg, self.env)
+        self.stepper.model, self.stepper.ddp = ddp or self.bare, ddp
+        self.compiled = "fallback"
+
+
+def build_step(cfg: Config, info, env, bare: nn.Module, total_steps: int, steps_per_epoch: int,
+               note: Callable[[str], None] = print) -> Step:
+    """Optimizer, scheduler, scaler, EMA, DDP, torch.compile and the Stepper around ``bare``."""
+    optimizer = build_optimizer(bare, cfg, env.device)
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps, steps_per_epoch)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.train.amp == "fp16")
+    ema = ModelEma(bare, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+    ddp = wrap_ddp(bare, cfg, env)
+    model: nn.Module = ddp or bare
+    compiled = "off"
+    if cfg.train.compile:
+        try:
+            model = torch.compile(model)
+            compiled = "on"
+        except Exception as exc:  # noqa: BLE001 - any compile failure means: run eagerly
+            note(f"note: torch.compile failed ({_first_line(exc)}); falling back to eager")
+            compiled = "fallback"
+    settings = StepSettings(device=env.device, amp=cfg.train.amp, label_smoothing=cfg.train.label_smoothing,
+                            clip_grad_norm=cfg.optim.clip_grad_norm, num_classes=info.num_classes,
+                            mixup_alpha=cfg.data.mixup_alpha, cutmix_alpha=cfg.data.cutmix_alpha,
+                            seed=cfg.train.seed, rank=env.rank)
+    stepper = Stepper(model, optimizer, scheduler, scaler, settings, ema=ema, bare_model=bare, ddp=ddp)
+    return Step(cfg, env, bare, optimizer, scheduler, scaler, ema, stepper, note, compiled)

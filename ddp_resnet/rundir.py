@@ -1,0 +1,180 @@
+"""The output directory of a run: its lock, its files, their writers (rank 0) and the one reader of each.
+
+    <output_dir>/.lock             held (flock) by the running job's rank 0
+                 config.yaml       the resolved config
+                 metrics.jsonl     one record per epoch
+                 best_eval.json    per-class accuracy and confusion matrix of the best epoch
+                 tb/               TensorBoard events
+                 checkpoints/      last.pt, epoch_XXXX.pt, best.pt (written by ``checkpoint``)
+
+Report, experiments and the SLURM job side read these through the functions here, never by hand.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+from pathlib import Path
+
+import yaml
+
+from ddp_resnet import checkpoint as ckpt
+from ddp_resnet.config import Config, ConfigError, save_yaml
+
+METRICS, BEST_EVAL, CONFIG, CHECKPOINTS, TENSORBOARD = "metrics.jsonl", "best_eval.json", "config.yaml", \
+    "checkpoints", "tb"
+
+
+class RunDirError(RuntimeError):
+    """A run directory that cannot be read, described in one line."""
+
+
+class RunLock:
+    """An advisory lock on ``<output_dir>/.lock`` so two running jobs cannot share a directory (a context
+    manager; the lock also ends with the process)."""
+
+    def __init__(self, out: str | Path):
+        self.out = Path(out)
+        self.handle = None
+
+    def __enter__(self) -> RunLock:
+        self.out.mkdir(parents=True, exist_ok=True)
+        handle = open(self.out / ".lock", "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            handle.close()
+            raise ConfigError(f"output_dir {self.out} is in use by a running job ({owner}); choose another "
+                              f"output_dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.handle is not None:
+            self.handle.close()  # closing the file releases the lock
+            self.handle = None
+
+
+def holds_run(out: str | Path) -> bool:
+    """True when the directory holds a run (a checkpoint or metrics)."""
+    out = Path(out)
+    return bool(ckpt.candidates(out / CHECKPOINTS)) or (out / METRICS).is_file()
+
+
+def write_config(cfg: Config) -> None:
+    """Write the resolved config to ``<output_dir>/config.yaml``."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, out / CONFIG)
+
+
+def read_config(out: str | Path) -> dict:
+    """The run's config.yaml as a dict ({} when missing)."""
+    path = Path(out) / CONFIG
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def read_jsonl(path: str | Path, skip_bad: bool = False) -> list[dict]:
+    """Every JSON record of a .jsonl file, oldest first ([] when it does not exist)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if not skip_bad:
+                raise RunDirError(f"{path}: line {number} is not JSON") from None
+    return records
+
+
+def read_metrics(out: str | Path, required: bool = False) -> list[dict]:
+    """The per-epoch records (metrics.jsonl); with ``required``, a missing or empty file is a RunDirError."""
+    path = Path(out) / METRICS
+    if required and not path.is_file():
+        raise RunDirError(f"{out} holds no {METRICS} (is it a ddp_resnet run directory?)")
+    records = read_jsonl(path)
+    if required and not records:
+        raise RunDirError(f"{path} is empty: the run has not finished an epoch yet")
+    return records
+
+
+def read_best(out: str | Path, records: list[dict]) -> dict:
+    """best_eval.json, or (older/partial runs) the best evaluated record without the confusion matrix."""
+    path = Path(out) / BEST_EVAL
+    if path.is_file():
+        return json.loads(path.read_text())
+    tested = [r for r in records if "test_acc" in r]
+    if not tested:
+        raise RunDirError(f"{out} has no evaluated epoch (no {BEST_EVAL}, no test_acc in {METRICS})")
+    best = max(tested, key=lambda r: r["test_acc"])
+    return {"epoch": best["epoch"], "test_acc": best["test_acc"], "test_top5": best.get("test_top5"),
+            "test_loss": best.get("test_loss"), "count": best.get("test_count")}
+
+
+def write_best(out: str | Path, best: dict) -> None:
+    """Write best_eval.json."""
+    (Path(out) / BEST_EVAL).write_text(json.dumps(best))
+
+
+def format_duration(seconds: float) -> str:
+    """``1h02m03s`` / ``2m03s`` / ``4.5 s``."""
+    if seconds < 60:
+        return f"{max(0.0, seconds):.1f} s"
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def find_checkpoint(out: str | Path) -> Path | None:
+    """checkpoints/best.pt, else checkpoints/last.pt, else None."""
+    for name in ("best.pt", "last.pt"):
+        path = Path(out) / CHECKPOINTS / name
+        if path.is_file():
+            return path
+    return None
+
+
+class MetricsWriter:
+    """metrics.jsonl and TensorBoard, on rank 0 (a no-op elsewhere)."""
+
+    def __init__(self, out: str | Path, is_main: bool, keep_epochs_below: int):
+        self.enabled = is_main
+        self.path = Path(out) / METRICS
+        self.tb = None
+        if not self.enabled:
+            return
+        kept = [r for r in read_jsonl(self.path, skip_bad=True) if r.get("epoch", 0) < keep_epochs_below]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))  # a resumed run drops epochs it redoes
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(out) / TENSORBOARD))
+        except ImportError:
+            self.tb = None
+
+    def write(self, record: dict) -> None:
+        """Append one epoch's record and mirror the numbers to TensorBoard."""
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "epoch" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, record["epoch"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        """Flush TensorBoard files."""
+        if self.tb is not None:
+            self.tb.close()

@@ -1,0 +1,423 @@
+"""The training loop: plan a run before any process group exists, then train it on every rank.
+
+``plan_run(cfg, launch)`` checks everything that can fail before the process group or the GPU is touched and
+reads the checkpoint to resume from; ``run(plan, env, callbacks)`` builds a ``Trainer`` (loaders, network, the
+``build.Step``) and ``fit()``s it: epochs of steps, periodic checkpoints, the coordinated stop on
+SIGTERM/SIGUSR2, evaluation and metrics at epoch ends. ``Callback`` objects see the loop's events; the tests
+install their fault injection through them, the production code has none.
+
+Exit codes: ``EXIT_OK`` 0 finished (or ``train.run_steps`` reached, after a checkpoint); ``EXIT_FAILED`` 1 a rank
+failed; ``EXIT_CONFIG`` 2 bad configuration (nothing written); ``EXIT_STOPPED`` 75 a stop signal arrived, the
+ranks agreed at the next step boundary, a checkpoint was written, and a later run resumes exactly from it.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ddp_resnet import build, distributed, rundir
+from ddp_resnet import checkpoint as ckpt
+from ddp_resnet import config as config_mod
+from ddp_resnet import data as data_mod
+from ddp_resnet.config import Config, ConfigError
+from ddp_resnet.engine import evaluate
+from ddp_resnet.rundir import format_duration
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_STOPPED = 0, 1, 2, 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+
+
+def log(env, message: str) -> None:
+    """Print on rank 0 only."""
+    if env is None or env.is_main:
+        print(message, flush=True)
+
+
+class Callback:
+    """Hooks into ``Trainer.fit``; override the events you need (every rank calls them)."""
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        """Before the first step of this process."""
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        """After an optimizer step (``trainer.step`` already counts it)."""
+
+    def on_epoch_end(self, trainer: Trainer, record: dict) -> None:
+        """After an epoch's evaluation and metrics record."""
+
+
+class StopFlag:
+    """Records SIGTERM/SIGUSR2; ranks agree on stopping with a collective at a step boundary.
+
+    With several processes the agreement is pipelined: each step boundary starts an asynchronous all-reduce of
+    the local flags (on the CPU gloo control group) and reads the one started a step earlier, so the step never
+    waits for a network round trip. Every rank reads the same round, so all stop at the same step, one step
+    after the signal's round was sent.
+    """
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+        self._pending = None
+        self._votes = torch.zeros(1)
+        for sig in STOP_SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals cannot be caught here
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def restore(self) -> None:
+        """Put back the handlers that were installed before."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self, env, group) -> bool:
+        """True on every rank, at the same step, once any rank got a stop signal (a collective)."""
+        if not env.distributed:
+            return self.signum != 0
+        decided = False
+        if self._pending is not None:
+            self._pending.wait()
+            decided = bool(self._votes.item() > 0)
+        self._votes = torch.tensor([float(self.signum != 0)])
+        self._pending = dist.all_reduce(self._votes, group=group, async_op=True)
+        return decided
+
+    def drain(self) -> None:
+        """Complete the round in flight (every rank started it) before the group is used for other work."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.wait()
+
+
+# ---------------------------------------------------------------------------------------- planning
+@dataclass
+class Plan:
+    """Everything decided before the process group starts."""
+
+    cfg: Config
+    launch: distributed.LaunchInfo
+    info: data_mod.DataInfo | None = None  # None for ImageFolder data: indexed once, after the group exists
+    resume_path: Path | None = None
+    payload: dict | None = None
+    warnings: list = field(default_factory=list)
+
+
+def check_data(cfg: Config, info: data_mod.DataInfo) -> None:
+    """The checks that need the dataset's size and classes."""
+    if info.train_size < cfg.data.batch_size:
+        raise ConfigError(f"data.batch_size: global batch {cfg.data.batch_size} is larger than the training set "
+                          f"({info.train_size} images)")
+
+
+def plan_run(cfg: Config, launch: distributed.LaunchInfo) -> Plan:
+    """Validate everything that can fail before any process group or GPU work; read the checkpoint."""
+    config_mod.validate_world(cfg, launch.world_size)
+    distributed.resolve_device(cfg.train.device, launch.local_rank)
+    plan = Plan(cfg, launch)
+    if cfg.data.dataset == "imagefolder":
+        data_mod.check(cfg.data)  # the tree itself is walked once, by one rank, in run()
+    else:
+        plan.info = data_mod.describe(cfg.data)
+        check_data(cfg, plan.info)
+    out = Path(cfg.output_dir)
+    resume = cfg.ckpt.resume
+    if resume == "none":
+        if rundir.holds_run(out) and not cfg.ckpt.overwrite:
+            raise ConfigError(f"output_dir {out} already holds a run; use ckpt.resume=auto to continue it or "
+                              f"ckpt.overwrite=true to start over")
+        return plan
+    if resume == "auto":
+        found = ckpt.load_latest_valid(out / rundir.CHECKPOINTS, "cpu", warn=plan.warnings.append)
+        if found is None:
+            return plan
+        plan.resume_path, plan.payload = found
+    else:
+        try:
+            plan.payload = ckpt.load(resume, "cpu")
+        except ckpt.CheckpointError as exc:
+            raise ConfigError(f"ckpt.resume: {exc}") from None
+        plan.resume_path = Path(resume)
+    if plan.info is not None:
+        ckpt.check_compatible(plan.payload, cfg.model.name, plan.info.num_classes, plan.resume_path)
+    return plan
+
+
+# -------------------------------------------------------------------------------------------- the run
+class Trainer:
+    """Holds the run's modules and counters; ``fit()`` trains to the end or to a stop."""
+
+    def __init__(self, cfg: Config, info: data_mod.DataInfo, env: distributed.DistEnv, callbacks=()):
+        self.cfg, self.info, self.env = cfg, info, env
+        self.callbacks = list(callbacks)
+        self.out = Path(cfg.output_dir)
+        build.seed_everything(cfg.train.seed, env.rank)
+        build.apply_torch_flags(cfg)
+        self.accum = cfg.optim.accum_steps
+        self.train_loader = data_mod.build_train_loader(
+            cfg.data, info, env.rank, env.world_size, env.device, cfg.train.seed,
+            micro_batch=build.micro_batch(cfg, env.world_size), channels_last=cfg.train.channels_last)
+        self.eval_loader = data_mod.build_eval_loader(cfg.data, info, env.rank, env.world_size, env.device,
+                                                      channels_last=cfg.train.channels_last)
+        self.steps_per_epoch = len(self.train_loader) // self.accum
+        self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
+        self.total_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        self.bare = build.build_network(cfg, info, env)
+        self.parts = build.build_step(cfg, info, env, self.bare, self.total_steps, self.steps_per_epoch,
+                                      note=lambda message: log(env, message))
+        # gloo control group for stop flags and RNG gathering (CPU tensors, no GPU sync per step)
+        self.control = None
+        if env.distributed:
+            self.control = dist.new_group(backend="gloo") if env.backend != "gloo" else dist.group.WORLD
+        self.ckpt_policy = ckpt.CheckpointPolicy(self.out / rundir.CHECKPOINTS, cfg.ckpt.keep)
+        self.step = 0
+        self.epoch_acc = torch.zeros(3, device=env.device)
+        self.epoch_train_time = 0.0
+        self.best = {"metric": "test_acc", "value": None, "epoch": None, "history": []}
+
+    @property
+    def ema(self):
+        """The weight EMA, if ``optim.ema_decay`` > 0."""
+        return self.parts.ema
+
+    def _emit(self, event: str, *args) -> None:
+        for callback in self.callbacks:
+            getattr(callback, event)(self, *args)
+
+    # ------------------------------------------------------------------------------------- checkpoints
+    def restore(self, payload: dict, path: Path) -> None:
+        """Load a checkpoint's state into this rank's modules and counters."""
+        parts = self.parts
+        self.bare.load_state_dict(payload["model"])
+        parts.optimizer.load_state_dict(payload["optimizer"])
+        parts.scheduler.load_state_dict(payload["scheduler"])
+        parts.scaler.load_state_dict(payload["scaler"])
+        if self.ema is not None and payload.get("ema") is not None:
+            self.ema.load_state_dict(payload["ema"])
+        self.step = int(payload["step"])
+        saved_world = payload["manifest"]["world_size"]
+        saved_spe = int(payload["steps_per_epoch"])
+        if saved_spe != self.steps_per_epoch:
+            raise ConfigError(f"checkpoint {path} was written with {saved_spe} steps per epoch, this run has "
+                              f"{self.steps_per_epoch}: data.batch_size or the dataset changed")
+        self.epoch_acc = payload["epoch_acc"].to(self.env.device) * (1.0 if self.env.is_main else 0.0)
+        self.epoch_train_time = float(payload.get("epoch_train_time", 0.0))
+        self.best = payload["best"]
+        rngs = payload["rng"]
+        if saved_world == self.env.world_size:
+            ckpt.set_rng_state(rngs[self.env.rank])
+        else:
+            log(self.env, f"note: checkpoint written by {saved_world} processes, resuming on {self.env.world_size}: "
+                          f"global batch {self.cfg.data.batch_size} and the LR schedule are kept; results match to "
+                          f"float tolerance, not bitwise")
+            ckpt.set_rng_state(rngs[0])
+        epoch, pos = divmod(self.step, self.steps_per_epoch)
+        log(self.env, f"resumed from {path}: step {self.step}/{self.total_steps} (epoch {epoch}, step {pos} of it)")
+
+    def _gather_rng(self) -> list:
+        state = ckpt.rng_state()
+        if not self.env.distributed:
+            return [state]
+        gathered = [None] * self.env.world_size
+        dist.all_gather_object(gathered, state, group=self.control)
+        return gathered
+
+    def payload(self) -> dict:
+        """The full training state (every rank must call this: it gathers RNG states)."""
+        rng = self._gather_rng()
+        # the epoch's running train metrics summed over ranks; on resume rank 0 carries them
+        epoch_acc = distributed.all_reduce_sum(self.epoch_acc.clone())
+        if not self.env.is_main:
+            return {}
+        parts = self.parts
+        return {
+            "model": self.bare.state_dict(),
+            "optimizer": parts.optimizer.state_dict(),
+            "scheduler": parts.scheduler.state_dict(),
+            "scaler": parts.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "step": self.step,
+            "epoch": self.step // self.steps_per_epoch,
+            "epoch_position": self.step % self.steps_per_epoch,
+            "steps_per_epoch": self.steps_per_epoch,
+            "epoch_acc": epoch_acc.cpu(),
+            "epoch_train_time": self.epoch_train_time,
+            "best": self.best,
+            "config": config_mod.to_dict(self.cfg),
+            "rng": rng,
+            "data_state": {"seed": self.cfg.train.seed, "epoch": self.step // self.steps_per_epoch,
+                           "start_batch": (self.step % self.steps_per_epoch) * self.accum},
+            "manifest": ckpt.manifest(self.env.world_size),
+        }
+
+    def save(self, epoch_done: int | None = None, is_best: bool = False) -> None:
+        """Rank 0 writes last.pt (and epoch/best files); every rank waits until the files are complete."""
+        payload = self.payload()
+        if self.env.is_main:
+            self.ckpt_policy.save_last(payload)
+            if epoch_done is not None:
+                self.ckpt_policy.save_epoch(payload, epoch_done)
+            if is_best:
+                self.ckpt_policy.save_best(payload)
+        distributed.barrier(self.env)
+
+    # ------------------------------------------------------------------------------------------ loop
+    def _sync_buffers(self) -> None:
+        """Give every rank rank 0's BatchNorm buffers (model and EMA) before evaluating: what the checkpoint holds.
+
+        Each rank updates its running statistics from its own batches, and the EMA copies them, so without this
+        ranks would evaluate slightly different models.
+        """
+        if self.env.distributed and not self.cfg.train.sync_bn:
+            modules = [self.bare] + ([self.ema.module] if self.ema is not None else [])
+            for module in modules:
+                for buf in module.buffers():
+                    dist.broadcast(buf, 0)
+
+    def _evaluate(self, epoch: int, record: dict) -> bool:
+        """Evaluate (model and EMA) into ``record``; returns True when this epoch is the best so far."""
+        self._sync_buffers()
+        result = evaluate(self.bare, self.eval_loader, self.info.num_classes, self.env.device, self.cfg.train.amp)
+        record.update(test_loss=result["loss"], test_acc=result["top1"], test_top5=result["top5"],
+                      test_count=result["count"])
+        if self.ema is not None:
+            ema_result = evaluate(self.ema.module, self.eval_loader, self.info.num_classes, self.env.device,
+                                  self.cfg.train.amp)
+            record.update(test_acc_ema=ema_result["top1"], test_loss_ema=ema_result["loss"])
+        self.best["history"].append([epoch, result["top1"]])
+        if self.best["value"] is not None and result["top1"] <= self.best["value"]:
+            return False
+        self.best.update(value=result["top1"], epoch=epoch)
+        if self.env.is_main:
+            rundir.write_best(self.out, {
+                "epoch": epoch, "test_acc": result["top1"], "test_top5": result["top5"], "test_loss": result["loss"],
+                "count": result["count"], "class_names": self.info.class_names,
+                "per_class_acc": result["per_class_acc"], "confusion": result["confusion"]})
+        return True
+
+    def _end_epoch(self, epoch: int, writer: rundir.MetricsWriter, run_start: float) -> bool:
+        """Reduce train metrics, evaluate, log; returns True when this epoch is the best so far."""
+        acc = distributed.all_reduce_sum(self.epoch_acc.clone())
+        loss_sum, correct, count = acc.tolist()
+        record = {"epoch": epoch, "step": self.step, "train_loss": loss_sum / max(count, 1),
+                  "train_acc": 100 * correct / max(count, 1), "lr": self.parts.scheduler.get_last_lr()[0],
+                  "epoch_time_s": self.epoch_train_time, "img_per_s": count / max(self.epoch_train_time, 1e-9)}
+        is_best = False
+        if (epoch + 1) % self.cfg.train.eval_every == 0 or self.step >= self.total_steps:
+            is_best = self._evaluate(epoch, record)
+        writer.write(record)
+        elapsed = time.time() - run_start
+        done_frac = self.step / self.total_steps
+        eta = elapsed / max(done_frac, 1e-9) * (1 - done_frac) if self.step else 0
+        test = (f" test_loss {record['test_loss']:.4f} test_acc {record['test_acc']:.2f}%"
+                if "test_acc" in record else "")
+        log(self.env, f"epoch {epoch + 1}/{self.total_epochs} step {self.step}/{self.total_steps} "
+                      f"train_loss {record['train_loss']:.4f} train_acc {record['train_acc']:.2f}%{test} "
+                      f"lr {record['lr']:.4g} {record['img_per_s']:.0f} img/s epoch {record['epoch_time_s']:.1f}s "
+                      f"ETA {format_duration(eta)}")
+        self._emit("on_epoch_end", record)
+        return is_best
+
+    def fit(self) -> int:
+        """Train until the schedule ends, ``run_steps`` is reached, or a stop signal arrives."""
+        stop = StopFlag()
+        writer = rundir.MetricsWriter(self.out, self.env.is_main, keep_epochs_below=self.step // self.steps_per_epoch)
+        try:
+            code = self._fit(stop, writer)
+            stop.drain()
+            return code
+        finally:
+            stop.restore()
+            writer.close()
+
+    def _stopped_here(self, stopping: bool) -> int:
+        if stopping:
+            log(self.env, f"stop signal: checkpoint written at step {self.step}; exiting with {EXIT_STOPPED} so the "
+                          f"job can be resumed")
+            return EXIT_STOPPED
+        log(self.env, f"train.run_steps={self.cfg.train.run_steps} reached at step {self.step}; checkpoint written")
+        return EXIT_OK
+
+    def _fit(self, stop: StopFlag, writer: rundir.MetricsWriter) -> int:
+        """The training loop; returns the exit code."""
+        env, cfg = self.env, self.cfg
+        run_start = time.time()
+        start_step = self.step
+        budget_end = self.step + cfg.train.run_steps if cfg.train.run_steps else self.total_steps
+        self._emit("on_fit_start")
+        while self.step < self.total_steps:
+            epoch, pos = divmod(self.step, self.steps_per_epoch)
+            epoch_end = min((epoch + 1) * self.steps_per_epoch, self.total_steps)
+            if pos == 0:
+                self.epoch_acc.zero_()
+                self.epoch_train_time = 0.0
+            self.train_loader.set_epoch(epoch, start_batch=pos * self.accum)
+            batches = iter(self.train_loader)
+            self.bare.train()
+            tick = time.time()
+            stopping = False
+            while self.step < epoch_end:
+                micro = [next(batches) for _ in range(self.accum)]
+                self.epoch_acc += self.parts(micro, self.step)
+                self.step += 1
+                self._emit("on_step_end")
+                if self.step % cfg.train.log_every == 0:
+                    log(env, f"  step {self.step}/{self.total_steps} lr {self.parts.scheduler.get_last_lr()[0]:.4g}")
+                stopping = stop.agreed(env, self.control)
+                if self.step == epoch_end:
+                    break
+                if stopping or self.step >= budget_end or (
+                        cfg.ckpt.every_steps and self.step % cfg.ckpt.every_steps == 0):
+                    self.epoch_train_time += time.time() - tick
+                    tick = time.time()
+                    self.save()
+                    if stopping or self.step >= budget_end:
+                        return self._stopped_here(stopping)
+            del batches
+            self.epoch_train_time += time.time() - tick
+            is_best = self._end_epoch(epoch, writer, run_start)
+            self.save(epoch_done=epoch if self.step % self.steps_per_epoch == 0 else None, is_best=is_best)
+            if stopping or (self.step >= budget_end and self.step < self.total_steps):
+                return self._stopped_here(stopping)
+        trained = self.step - start_step
+        log(env, f"done: {self.total_steps} steps, best test_acc {self.best['value']:.2f}% at epoch "
+                 f"{(self.best['epoch'] or 0) + 1} ({trained} steps in {format_duration(time.time() - run_start)})"
+            if self.best["value"] is not None else f"done: {self.total_steps} steps")
+        return EXIT_OK
+
+
+def run(plan: Plan, env: distributed.DistEnv, callbacks=()) -> int:
+    """Index the data (once, for ImageFolder), build this rank's trainer, restore a planned checkpoint, train."""
+    cfg = plan.cfg
+    info = plan.info
+    if info is None:
+        info = data_mod.describe(cfg.data, share=lambda fn: distributed.share_from_rank0(fn, env))
+        check_data(cfg, info)
+        if plan.payload is not None:
+            ckpt.check_compatible(plan.payload, cfg.model.name, info.num_classes, plan.resume_path)
+    if env.is_main:
+        rundir.write_config(cfg)
+    for warning in plan.warnings:
+        log(env, warning)
+    trainer = Trainer(cfg, info, env, callbacks)
+    data = cfg.data.dataset
+    if data == "imagefolder":
+        from ddp_resnet.data.device_decode import default_backend
+
+        data += f" (JPEG decoding on {env.device}, {default_backend()})" if cfg.data.decode == "device" else ""
+    log(env, f"ddp_resnet: {cfg.model.name} on {data} | world {env.world_size} ({env.launcher}, "
+             f"{env.backend or 'no process group'}, {env.device}) | global batch {cfg.data.batch_size} | "
+             f"{trainer.steps_per_epoch} steps/epoch, {trainer.total_steps} steps | output {cfg.output_dir}")
+    if plan.payload is not None:
+        trainer.restore(plan.payload, plan.resume_path)
+        plan.payload = None
+    return trainer.fit()
