@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ddp_resnet import build, distributed
+from ddp_resnet import build, distributed, monitor
 from ddp_resnet import config as config_mod
 from ddp_resnet import data as data_mod
 from ddp_resnet.build import resolve_stem
@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="timed steps per window (default 20)")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (>= 1, default 10)")
     p.add_argument("--windows", type=int, default=5, help="timed windows (default 5)")
+    p.add_argument("--log-every", type=int, default=0,
+                   help="also time the trainer's per-step metric bookkeeping, read every N steps as "
+                        "train.log_every does (default 0: the step alone)")
     p.add_argument("--compare-torchvision", action="store_true",
                    help="also time torchvision's model of the same name and print the ratio")
     p.add_argument("--json", help="write the settings and figures to this JSON file")
@@ -262,7 +265,7 @@ class Runner:
     """One network's training step, its batches and its timed windows (CUDA events or perf_counter)."""
 
     def __init__(self, which: str, cfg: Config, info, env, loader_mode: str, total_steps: int,
-                 note: Callable[[str], None] = print):
+                 note: Callable[[str], None] = print, log_every: int = 0):
         self.which, self.cfg, self.env, self.note = which, cfg, env, note
         cuda = env.device.type == "cuda"
         if cuda:
@@ -276,8 +279,12 @@ class Runner:
         self.parts = build.build_step(cfg, info, env, bare, total_steps,
                                         self.batches.steps_per_epoch or total_steps, note)
         bare.train()
-        self.acc = torch.zeros(3, device=env.device)
+        self.acc = torch.zeros(4, device=env.device)
         self.step = 0
+        # --log-every: the trainer's per-step bookkeeping and its read once per interval, inside the timing
+        self.log_every = log_every
+        self.meter = monitor.IntervalMeter(env.device, cfg.data.batch_size)
+        self.watch = monitor.NonFiniteWatch(self.parts.stepper.settings)
         self.windows: list = []  # (start, end) CUDA events or seconds
         self.peak_mib = float("nan")
 
@@ -300,8 +307,16 @@ class Runner:
             _sync(self.env.device)
             tick = time.perf_counter()
         for _ in range(steps):
-            self.acc += self.parts(self.batches.next(), self.step)
+            micro = self.batches.next()
+            stats = self.parts(micro, self.step)
+            self.acc += stats
+            if self.log_every:
+                self.meter.add(stats, 0.0)
+                self.watch.add(stats, self.step, sum(labels.shape[0] for _, labels in micro))
             self.step += 1
+            if self.log_every and self.step % self.log_every == 0:
+                self.meter.read()
+                self.watch.check(self.env)
         if cuda:
             end = torch.cuda.Event(enable_timing=True)
             end.record()
@@ -320,7 +335,7 @@ class Runner:
         rates = [images_per_step * steps / max(t, 1e-12) for t in seconds]
         median = statistics.median(rates)
         tflops = self.macs * 2 * 3 * median / env.world_size / 1e12
-        loss_sum, _, count = distributed.all_reduce_sum(self.acc.clone()).tolist()
+        loss_sum, _, count, _ = distributed.all_reduce_sum(self.acc.clone()).tolist()
         if env.device.type == "cuda":
             memory, memory_kind = self.peak_mib, "peak allocated"
         else:
@@ -348,7 +363,7 @@ def measure(cfg: Config, info, env, loader_mode: str, args: argparse.Namespace,
     total_steps = args.warmup + args.steps * args.windows
     runners = []
     for name in names:
-        runner = Runner(name, cfg, info, env, loader_mode, total_steps, note)
+        runner = Runner(name, cfg, info, env, loader_mode, total_steps, note, args.log_every)
         runner.warm_up(args.warmup)
         runners.append(runner)
     if len(runners) > 1 and any(r.parts.compiled == "fallback" for r in runners):
@@ -358,7 +373,25 @@ def measure(cfg: Config, info, env, loader_mode: str, args: argparse.Namespace,
         for runner in runners if w % 2 == 0 else runners[::-1]:
             runner.window(args.steps)
     _sync(env.device)
-    return {r.which: r.result(cfg.data.batch_size, args.steps) for r in runners}
+    results = {r.which: r.result(cfg.data.batch_size, args.steps) for r in runners}
+    if loader_mode != "fixed":
+        results["loader"] = loader_ceiling(make_batches(cfg, info, env, loader_mode), cfg.data.batch_size, env, args)
+    return results
+
+
+def loader_ceiling(batches, global_batch: int, env, args: argparse.Namespace) -> dict:
+    """The loader alone (no model): images/s over the same windows, so a user sees which of the two limits a run."""
+    for _ in range(args.warmup):
+        batches.next()
+    rates = []
+    for _ in range(args.windows):
+        _sync(env.device)
+        tick = time.perf_counter()
+        for _ in range(args.steps):
+            batches.next()
+        _sync(env.device)
+        rates.append(global_batch * args.steps / max(time.perf_counter() - tick, 1e-12))
+    return {"images_per_s": {"median": statistics.median(rates), "min": min(rates), "max": max(rates)}}
 
 
 def device_name(device: torch.device) -> str:
@@ -415,6 +448,14 @@ def format_result(label: str, r: dict, env) -> str:
             f"loss {r['mean_loss']:.4f}")
 
 
+def format_loader(loader: dict, ours: dict) -> str:
+    """The loader's own ceiling next to the step's rate, and which of the two limits the run."""
+    alone, step = loader["images_per_s"], ours["images_per_s"]["median"]
+    limit = "the loader limits this run" if alone["median"] < 1.25 * step else "the model step limits this run"
+    return (f"loader alone: {alone['median']:.1f} images/s median (min {alone['min']:.1f}, max {alone['max']:.1f}), "
+            f"no model | the step with it: {step:.1f} images/s | {limit}")
+
+
 def settings_of(cfg: Config, info, env, loader_mode: str, args: argparse.Namespace) -> dict:
     """The settings that shape the measurement (printed and written to --json)."""
     accum = cfg.optim.accum_steps
@@ -447,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("steps", "warmup", "windows"):
         if getattr(args, name) < 1:
             return _error(f"--{name}: must be >= 1, got {getattr(args, name)}")
+    if args.log_every < 0:
+        return _error(f"--log-every: must be >= 0, got {args.log_every}")
     launch = distributed.read_env()
     try:
         cfg, loader_mode = bench_config(args, launch.world_size)
@@ -484,10 +527,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"work: {r['macs_per_image'] / 1e9:.3f} GMACs/image forward -> "
                   f"{r['macs_per_image'] * 6 / 1e9:.3f} GFLOP/image per training step (x2 FLOP/MAC, x3 fwd+bwd)",
                   flush=True)
-            for name, result in results.items():
-                print(format_result(name, result, env), flush=True)
+            for name in ("ours", "torchvision"):
+                if name in results:
+                    print(format_result(name, results[name], env), flush=True)
             if ratio is not None:
                 print(f"ratio ours/torchvision: {ratio:.3f} (median images/s)", flush=True)
+            if "loader" in results:
+                print(format_loader(results["loader"], results["ours"]), flush=True)
         if env.is_main and args.json:
             Path(args.json).write_text(json.dumps({"settings": settings, "results": results, "ratio": ratio},
                                                   indent=2, default=str))

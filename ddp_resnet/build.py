@@ -182,6 +182,6 @@ def build_step(cfg: Config, info, env, bare: nn.Module, total_steps: int, steps_
     settings = StepSettings(device=env.device, amp=cfg.train.amp, label_smoothing=cfg.train.label_smoothing,
                             clip_grad_norm=cfg.optim.clip_grad_norm, num_classes=info.num_classes,
                             mixup_alpha=cfg.data.mixup_alpha, cutmix_alpha=cfg.data.cutmix_alpha,
-                            seed=cfg.train.seed, rank=env.rank)
+                            seed=cfg.train.seed, rank=env.rank, skip_nonfinite=cfg.train.nonfinite == "skip")
     stepper = Stepper(model, optimizer, scheduler, scaler, settings, ema=ema, bare_model=bare, ddp=ddp)
     return Step(cfg, env, bare, optimizer, scheduler, scaler, ema, stepper, note, compiled)

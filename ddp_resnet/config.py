@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,26 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration problem, described in one line."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML without 1.1's base-60 numbers: ``profile_steps: 2:5`` stays the text "2:5", not the integer 125."""
+
+
+_NUMBERS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _NUMBERS]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _tag, _pattern in (  # PyYAML's own patterns, less their base-60 alternatives
+        ("int", r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+        ("float", r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9_]+(?:[eE][-+][0-9]+)?"
+                  r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")):
+    _Loader.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", re.compile(_pattern), list("-+0123456789."))
+
+
+def yaml_load(text: str):
+    """Parse YAML as configs are parsed (safe, without base-60 numbers)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
 
 
 @dataclass(frozen=True)
@@ -93,7 +114,12 @@ class TrainConfig:
     sync_bn: bool = False  # synchronize BatchNorm statistics across ranks
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     eval_every: int = 1  # evaluate every N epochs (and always after the last)
-    log_every: int = 50  # console progress line every N steps
+    log_every: int = 50  # every N steps: a progress line, a steps.jsonl record and TensorBoard points (one host read)
+    profile_steps: str = ""  # START:END writes a torch.profiler trace of global steps START..END-1 into profile/
+    profile_ranks: Literal["0", "all"] = "0"  # which ranks write a profile trace
+    nonfinite: Literal["stop", "skip"] = "stop"  # a non-finite loss (or gradient norm with clipping): stop every rank
+    #   without writing a checkpoint (exit 65), or skip that step's update on every rank (one host read per step)
+    max_skipped_steps: int = 10  # nonfinite=skip: stop (exit 65) once more steps than this were skipped
     deterministic: bool = False  # deterministic algorithms (slower on GPU)
     cudnn_benchmark: bool = True  # cudnn autotuner (off when deterministic)
 
@@ -185,7 +211,7 @@ def _coerce(key: str, value: Any, tp: Any, default: Any) -> Any:
         return tuple(_coerce(key, v, element, None) for v in value)
     if tp is dict:
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip() else {}
+            value = yaml_load(value) if value.strip() else {}
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return {str(k): _coerce(f"{key}.{k}", v, float, None) for k, v in value.items()}
@@ -229,7 +255,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override '{text}' is not of the form key.sub=value")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -262,7 +288,7 @@ def _read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(tree, dict):
@@ -370,6 +396,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _positive("train.run_steps", t.run_steps, allow_zero=True)
     _positive("train.eval_every", t.eval_every)
     _positive("train.log_every", t.log_every)
+    _positive("train.max_skipped_steps", t.max_skipped_steps, allow_zero=True)
+    window = re.fullmatch(r"(\d+):(\d+)", t.profile_steps)
+    if t.profile_steps and (not window or int(window[1]) >= int(window[2])):
+        raise ConfigError(f"train.profile_steps: expected START:END with START < END (global steps), "
+                          f"got '{t.profile_steps}'")
     _positive("ckpt.every_steps", cfg.ckpt.every_steps, allow_zero=True)
     _positive("ckpt.keep", cfg.ckpt.keep, allow_zero=True)
     _positive("dist.timeout_s", cfg.dist.timeout_s)

@@ -1,12 +1,14 @@
 """Training and evaluation steps: AMP, gradient accumulation with no_sync, clipping, EMA, exact evaluation.
 
 No argparse, no paths, no process-group setup here: the caller hands in modules, loaders and a DistEnv-like
-device. Metrics stay on the device until an epoch ends: a training step issues no host sync and no host->device
-copy (with fp16, GradScaler's inf check syncs unless the optimizer is fused), so the host can queue work ahead.
+device. Metrics stay on the device until they are read once per logging interval: a training step issues no host
+sync and no host->device copy (with fp16, GradScaler's inf check syncs unless the optimizer is fused;
+``train.nonfinite=skip`` reads one flag per step), so the host can queue work ahead.
 """
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 
 import torch
@@ -39,10 +41,60 @@ class StepSettings:
     cutmix_alpha: float = 0.0
     seed: int = 0
     rank: int = 0
+    skip_nonfinite: bool = False  # train.nonfinite=skip: agree across ranks before the update, skip it if bad
+
+
+# What Stepper.step returns, one device tensor: the sums over the step's micro-batches and the global gradient norm
+# (after DDP's all-reduce, unscaled, before clipping).
+STAT_LOSS_SUM, STAT_CORRECT, STAT_COUNT, STAT_GRAD_NORM = range(4)
+
+
+class ForwardTimer:
+    """Seconds spent in forward passes: CUDA events on a GPU (read later, so no synchronization per step),
+    ``perf_counter`` on the CPU. A rank's forward has no collective (without SyncBN), so it compares ranks' speed."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.events: list = []
+        self.seconds = 0.0
+        self._tick = 0.0
+
+    def start(self) -> None:
+        """Mark the start of a forward pass."""
+        if self.cuda:
+            self.events.append(torch.cuda.Event(enable_timing=True))
+            self.events[-1].record()
+        else:
+            self._tick = time.perf_counter()
+
+    def stop(self) -> None:
+        """Mark its end."""
+        if self.cuda:
+            self.events.append(torch.cuda.Event(enable_timing=True))
+            self.events[-1].record()
+        else:
+            self.seconds += time.perf_counter() - self._tick
+
+    def take(self) -> float:
+        """The seconds measured since the last call (waits for the last recorded event on a GPU)."""
+        if self.events:
+            self.events[-1].synchronize()
+            self.seconds += sum(a.elapsed_time(b) for a, b in zip(self.events[::2], self.events[1::2])) / 1e3
+            self.events = []
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
+def gradient_norm(parameters, clip: float) -> torch.Tensor:
+    """The global L2 norm of the gradients (clipping them to ``clip`` when > 0), as a device tensor."""
+    params = [p for p in parameters if p.grad is not None]
+    if clip > 0:
+        return torch.nn.utils.clip_grad_norm_(params, clip)
+    return torch.nn.utils.get_total_norm([p.grad for p in params])
 
 
 class Stepper:
-    """Runs one optimizer step over a list of micro-batches and accumulates metrics on the device."""
+    """Runs one optimizer step over a list of micro-batches and returns its metrics as a device tensor."""
 
     def __init__(self, model: nn.Module, optimizer, scheduler, scaler, settings: StepSettings, ema=None,
                  bare_model: nn.Module | None = None, ddp: DDP | None = None):
@@ -55,6 +107,8 @@ class Stepper:
         self.settings = settings
         self.ema = ema
         self.mixing = settings.mixup_alpha > 0 or settings.cutmix_alpha > 0
+        self.timer = ForwardTimer(settings.device)
+        self.skipped = False  # whether the last step's update was skipped (train.nonfinite=skip)
 
     def _targets(self, images, labels, step: int, micro: int):
         s = self.settings
@@ -66,10 +120,16 @@ class Stepper:
         return mixed, (labels if soft is None else soft)
 
     def step(self, micro_batches: list, step: int) -> torch.Tensor:
-        """Forward/backward every micro-batch, then one optimizer step. Returns [loss_sum, correct, count]."""
+        """Forward/backward every micro-batch, then one optimizer step. Returns the ``STAT_*`` sums.
+
+        No host synchronization, except with ``skip_nonfinite``: then the ranks agree on the step's finiteness
+        before the update (one read per step), and a bad step leaves weights, optimizer, BatchNorm buffers and
+        EMA as they were (the scheduler still advances: the step is counted).
+        """
         s = self.settings
-        stats = torch.zeros(3, device=s.device)
+        stats = torch.zeros(4, device=s.device)
         self.optimizer.zero_grad(set_to_none=True)
+        buffers = [b.detach().clone() for b in self.bare.buffers()] if s.skip_nonfinite else None
         n = len(micro_batches)
         total = 0
         for i, (images, labels) in enumerate(micro_batches):
@@ -77,10 +137,12 @@ class Stepper:
             sync = contextlib.nullcontext() if (last or self.ddp is None) else self.ddp.no_sync()
             with sync:
                 inputs, targets = self._targets(images, labels, step, i)
+                self.timer.start()
                 with autocast(s.device, s.amp):
                     logits = self.model(inputs)
                     loss = F.cross_entropy(logits, targets, label_smoothing=0.0 if targets.dtype.is_floating_point
                                            else s.label_smoothing)
+                self.timer.stop()
                 self.scaler.scale(loss / n).backward()
             with torch.no_grad():
                 count = labels.shape[0]
@@ -88,16 +150,36 @@ class Stepper:
                 stats[:2] += torch.stack([loss.detach().float() * count, (logits.argmax(1) == labels).sum().float()])
         # The count is known on the host: a scalar kernel argument, never a host->device copy (on CUDA a copy
         # from pageable memory would synchronize the stream once per micro-batch).
-        stats[2] += total
-        if s.clip_grad_norm > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.bare.parameters(), s.clip_grad_norm)
-        self.scaler.step(self.optimizer)
+        stats[STAT_COUNT] += total
+        self.scaler.unscale_(self.optimizer)  # no-op without fp16; the norm is of the true gradients
+        stats[STAT_GRAD_NORM] += gradient_norm(self.bare.parameters(), s.clip_grad_norm).float()
+        self.skipped = buffers is not None and self._agree_bad(stats)
+        if self.skipped:
+            for buf, saved in zip(self.bare.buffers(), buffers):
+                buf.copy_(saved)
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        if self.ema is not None:
+        if self.ema is not None and not self.skipped:
             self.ema.update(self.bare)
         return stats
+
+    def _agree_bad(self, stats: torch.Tensor) -> bool:
+        """True on every rank when any rank's loss (or, with clipping and without fp16, the gradient norm) is not
+        finite: an all-reduce of the flags and one host read."""
+        bad = nonfinite(stats, self.settings)
+        return bool(distributed.all_reduce_sum(bad.float().reshape(1)).item() > 0)
+
+
+def nonfinite(stats: torch.Tensor, settings: StepSettings) -> torch.Tensor:
+    """A device bool: the step's loss is not finite, or (with clipping, except under fp16, where the GradScaler
+    handles overflows) its gradient norm is not."""
+    bad = ~torch.isfinite(stats[STAT_LOSS_SUM])
+    if settings.clip_grad_norm > 0 and settings.amp != "fp16":
+        bad = bad | ~torch.isfinite(stats[STAT_GRAD_NORM])
+    return bad
 
 
 @torch.no_grad()

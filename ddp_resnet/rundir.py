@@ -3,8 +3,10 @@
     <output_dir>/.lock             held (flock) by the running job's rank 0
                  config.yaml       the resolved config
                  metrics.jsonl     one record per epoch
+                 steps.jsonl       one record per logging interval (train.log_every steps)
                  best_eval.json    per-class accuracy and confusion matrix of the best epoch
                  tb/               TensorBoard events
+                 profile/          torch.profiler traces (train.profile_steps)
                  checkpoints/      last.pt, epoch_XXXX.pt, best.pt (written by ``checkpoint``)
 
 Report, experiments and the SLURM job side read these through the functions here, never by hand.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import socket
 from pathlib import Path
@@ -22,8 +25,8 @@ import yaml
 from ddp_resnet import checkpoint as ckpt
 from ddp_resnet.config import Config, ConfigError, save_yaml
 
-METRICS, BEST_EVAL, CONFIG, CHECKPOINTS, TENSORBOARD = "metrics.jsonl", "best_eval.json", "config.yaml", \
-    "checkpoints", "tb"
+METRICS, STEPS, BEST_EVAL, CONFIG = "metrics.jsonl", "steps.jsonl", "best_eval.json", "config.yaml"
+CHECKPOINTS, TENSORBOARD, PROFILE = "checkpoints", "tb", "profile"
 
 
 class RunDirError(RuntimeError):
@@ -144,35 +147,68 @@ def find_checkpoint(out: str | Path) -> Path | None:
     return None
 
 
-class MetricsWriter:
-    """metrics.jsonl and TensorBoard, on rank 0 (a no-op elsewhere)."""
+# TensorBoard tags of the per-epoch record's keys (grouped: train/, test/, test_ema/, time/, ranks/)
+EPOCH_TAGS = {"train_loss": "train/epoch_loss", "train_acc": "train/epoch_acc1", "test_loss": "test/loss",
+              "test_acc": "test/acc1", "test_top5": "test/acc5", "test_loss_ema": "test_ema/loss",
+              "test_acc_ema": "test_ema/acc1", "epoch_time_s": "time/epoch_s", "img_per_s": "time/img_per_s",
+              "eval_time_s": "time/eval_s", "rank_data_wait_s_max": "ranks/data_wait_s_max",
+              "rank_forward_s_max": "ranks/forward_s_max"}
+# ... and of the per-interval record's (against the global step; loss and accuracy also against images seen)
+STEP_TAGS = {"loss": "train/loss", "acc": "train/acc1", "lr": "train/lr", "img_per_s": "train/img_per_s",
+             "data_wait": "train/data_wait", "grad_norm": "train/grad_norm", "mem_gib": "train/mem_gib"}
+BY_IMAGES = ("loss", "acc")
 
-    def __init__(self, out: str | Path, is_main: bool, keep_epochs_below: int):
+
+class MetricsWriter:
+    """metrics.jsonl (per epoch), steps.jsonl (per logging interval) and TensorBoard, on rank 0 (a no-op elsewhere).
+
+    A run resumed at step S keeps the records it had up to S and drops the rest (trained again now), so both files
+    continue without duplicates or gaps; TensorBoard is told to drop its own events after S (``purge_step``).
+    """
+
+    def __init__(self, out: str | Path, is_main: bool, resume_step: int, steps_per_epoch: int):
         self.enabled = is_main
-        self.path = Path(out) / METRICS
+        self.path, self.steps_path = Path(out) / METRICS, Path(out) / STEPS
         self.tb = None
         if not self.enabled:
             return
-        kept = [r for r in read_jsonl(self.path, skip_bad=True) if r.get("epoch", 0) < keep_epochs_below]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))  # a resumed run drops epochs it redoes
+        epochs_done = resume_step // steps_per_epoch
+        kept = [r for r in read_jsonl(self.path, skip_bad=True) if r.get("epoch", 0) < epochs_done]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        kept = [r for r in read_jsonl(self.steps_path, skip_bad=True) if r.get("step", 0) <= resume_step]
+        self.steps_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(Path(out) / TENSORBOARD))
+            self.tb = SummaryWriter(str(Path(out) / TENSORBOARD), purge_step=resume_step + 1 if resume_step else None)
         except ImportError:
             self.tb = None
 
+    def _tb(self, record: dict, tags: dict, step: int) -> None:
+        for key, tag in tags.items():
+            value = record.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.tb.add_scalar(tag, value, step)
+
     def write(self, record: dict) -> None:
-        """Append one epoch's record and mirror the numbers to TensorBoard."""
+        """Append one epoch's record (at the global step it ended on) and mirror its numbers to TensorBoard."""
         if not self.enabled:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
-            for key, value in record.items():
-                if key != "epoch" and isinstance(value, (int, float)):
-                    self.tb.add_scalar(key, value, record["epoch"])
+            self._tb(record, EPOCH_TAGS, record["step"])
             self.tb.flush()
+
+    def write_interval(self, record: dict) -> None:
+        """Append one logging interval's record to steps.jsonl and TensorBoard."""
+        if not self.enabled:
+            return
+        with open(self.steps_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            self._tb(record, STEP_TAGS, record["step"])
+            self._tb(record, {key: f"train_by_images/{key}" for key in BY_IMAGES}, record["images"])
 
     def close(self) -> None:
         """Flush TensorBoard files."""

@@ -7,13 +7,16 @@ SIGTERM/SIGUSR2, evaluation and metrics at epoch ends. ``Callback`` objects see 
 install their fault injection through them, the production code has none.
 
 Exit codes: ``EXIT_OK`` 0 finished (or ``train.run_steps`` reached, after a checkpoint); ``EXIT_FAILED`` 1 a rank
-failed; ``EXIT_CONFIG`` 2 bad configuration (nothing written); ``EXIT_STOPPED`` 75 a stop signal arrived, the
-ranks agreed at the next step boundary, a checkpoint was written, and a later run resumes exactly from it.
+failed; ``EXIT_CONFIG`` 2 bad configuration (nothing written); ``EXIT_NONFINITE`` 65 the loss (or gradient norm)
+became non-finite (``train.nonfinite``): every rank stopped at the same step and no checkpoint was written after it;
+``EXIT_STOPPED`` 75 a stop signal arrived, the ranks agreed at the next step boundary, a checkpoint was written,
+and a later run resumes exactly from it.
 """
 from __future__ import annotations
 
 import math
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ddp_resnet import build, distributed, rundir
+from ddp_resnet import build, distributed, monitor, rundir
 from ddp_resnet import checkpoint as ckpt
 from ddp_resnet import config as config_mod
 from ddp_resnet import data as data_mod
@@ -29,7 +32,7 @@ from ddp_resnet.config import Config, ConfigError
 from ddp_resnet.engine import evaluate
 from ddp_resnet.rundir import format_duration
 
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_STOPPED = 0, 1, 2, 75
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_NONFINITE, EXIT_STOPPED = 0, 1, 2, 65, 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
 
@@ -153,6 +156,10 @@ def plan_run(cfg: Config, launch: distributed.LaunchInfo) -> Plan:
 
 
 # -------------------------------------------------------------------------------------------- the run
+class NonFiniteStop(RuntimeError):
+    """Training met a non-finite loss or gradient norm (``train.nonfinite``); the message is the one line to print."""
+
+
 class Trainer:
     """Holds the run's modules and counters; ``fit()`` trains to the end or to a stop."""
 
@@ -182,7 +189,12 @@ class Trainer:
         self.step = 0
         self.epoch_acc = torch.zeros(3, device=env.device)
         self.epoch_train_time = 0.0
+        self.epoch_data_wait = 0.0
+        self.skipped_steps = 0
         self.best = {"metric": "test_acc", "value": None, "epoch": None, "history": []}
+        self.last_good: tuple[Path, int] | None = None  # the newest checkpoint written or resumed from, and its step
+        self.eval_seconds: list[float] = []
+        self.watch = monitor.NonFiniteWatch(self.parts.stepper.settings) if cfg.train.nonfinite == "stop" else None
 
     @property
     def ema(self):
@@ -211,7 +223,9 @@ class Trainer:
                               f"{self.steps_per_epoch}: data.batch_size or the dataset changed")
         self.epoch_acc = payload["epoch_acc"].to(self.env.device) * (1.0 if self.env.is_main else 0.0)
         self.epoch_train_time = float(payload.get("epoch_train_time", 0.0))
+        self.skipped_steps = int(payload.get("skipped_steps", 0))
         self.best = payload["best"]
+        self.last_good = (path, self.step)
         rngs = payload["rng"]
         if saved_world == self.env.world_size:
             ckpt.set_rng_state(rngs[self.env.rank])
@@ -251,6 +265,7 @@ class Trainer:
             "steps_per_epoch": self.steps_per_epoch,
             "epoch_acc": epoch_acc.cpu(),
             "epoch_train_time": self.epoch_train_time,
+            "skipped_steps": self.skipped_steps,
             "best": self.best,
             "config": config_mod.to_dict(self.cfg),
             "rng": rng,
@@ -260,7 +275,10 @@ class Trainer:
         }
 
     def save(self, epoch_done: int | None = None, is_best: bool = False) -> None:
-        """Rank 0 writes last.pt (and epoch/best files); every rank waits until the files are complete."""
+        """Rank 0 writes last.pt (and epoch/best files); every rank waits until the files are complete.
+
+        Never after a non-finite step: the state is checked first (``train.nonfinite=stop``)."""
+        self.check_finite()
         payload = self.payload()
         if self.env.is_main:
             self.ckpt_policy.save_last(payload)
@@ -269,6 +287,37 @@ class Trainer:
             if is_best:
                 self.ckpt_policy.save_best(payload)
         distributed.barrier(self.env)
+        self.last_good = (self.out / rundir.CHECKPOINTS / "last.pt", self.step)
+
+    # ------------------------------------------------------------------------------------------ non-finite
+    def _newest_good(self) -> str:
+        if self.last_good is None:
+            return "no checkpoint was written yet"
+        return f"the newest good checkpoint is {self.last_good[0]} (step {self.last_good[1]})"
+
+    def check_finite(self) -> None:
+        """Raise NonFiniteStop on every rank if any rank met a non-finite step (``nonfinite=stop``; a collective)."""
+        if self.watch is None:
+            return
+        bad = self.watch.check(self.env)
+        if bad is not None:
+            raise NonFiniteStop(
+                f"non-finite training at step {bad['step']} (epoch {bad['step'] // self.steps_per_epoch + 1}, rank "
+                f"{bad['rank']}): loss {bad['loss']:.6g}, gradient norm {bad['grad_norm']:.6g}; stopped at step "
+                f"{self.step} without writing a checkpoint; {self._newest_good()}")
+
+    def _skipped(self, stats: torch.Tensor) -> None:
+        """A step whose update every rank skipped (``nonfinite=skip``): count it, say so, stop beyond the limit."""
+        self.skipped_steps += 1
+        loss_sum, _, count, norm = stats.tolist()  # the step already synchronized to decide
+        step = self.step - 1
+        message = (f"non-finite training at step {step} (epoch {step // self.steps_per_epoch + 1}): loss on rank "
+                   f"{self.env.rank} {loss_sum / max(count, 1):.6g}, gradient norm {norm:.6g}")
+        limit = self.cfg.train.max_skipped_steps
+        if self.skipped_steps > limit:
+            raise NonFiniteStop(f"{message}; more than train.max_skipped_steps={limit} steps skipped, stopped "
+                                f"without writing a checkpoint; {self._newest_good()}")
+        log(self.env, f"warning: {message}: update skipped on every rank ({self.skipped_steps} of at most {limit})")
 
     # ------------------------------------------------------------------------------------------ loop
     def _sync_buffers(self) -> None:
@@ -285,6 +334,7 @@ class Trainer:
 
     def _evaluate(self, epoch: int, record: dict) -> bool:
         """Evaluate (model and EMA) into ``record``; returns True when this epoch is the best so far."""
+        tick = time.perf_counter()
         self._sync_buffers()
         result = evaluate(self.bare, self.eval_loader, self.info.num_classes, self.env.device, self.cfg.train.amp)
         record.update(test_loss=result["loss"], test_acc=result["top1"], test_top5=result["top5"],
@@ -293,6 +343,8 @@ class Trainer:
             ema_result = evaluate(self.ema.module, self.eval_loader, self.info.num_classes, self.env.device,
                                   self.cfg.train.amp)
             record.update(test_acc_ema=ema_result["top1"], test_loss_ema=ema_result["loss"])
+        self.eval_seconds.append(time.perf_counter() - tick)
+        record["eval_time_s"] = self.eval_seconds[-1]
         self.best["history"].append([epoch, result["top1"]])
         if self.best["value"] is not None and result["top1"] <= self.best["value"]:
             return False
@@ -304,37 +356,82 @@ class Trainer:
                 "per_class_acc": result["per_class_acc"], "confusion": result["confusion"]})
         return True
 
+    def _evaluates_after(self, epoch: int) -> bool:
+        return (epoch + 1) % self.cfg.train.eval_every == 0 or (epoch + 1) * self.steps_per_epoch >= self.total_steps
+
+    def _eta(self, seconds_per_step: float) -> tuple[float, float]:
+        """Seconds left in this epoch and in the run (with the evaluations still to come, once one was timed)."""
+        epoch_end = min((self.step // self.steps_per_epoch + (self.step % self.steps_per_epoch > 0))
+                        * self.steps_per_epoch, self.total_steps)
+        run = (self.total_steps - self.step) * seconds_per_step
+        if self.eval_seconds:
+            current = max(0, math.ceil(self.step / self.steps_per_epoch) - 1)
+            evals = sum(self._evaluates_after(e) for e in range(current, self.total_epochs))
+            run += evals * sum(self.eval_seconds) / len(self.eval_seconds)
+        return (epoch_end - self.step) * seconds_per_step, run
+
+    def _log_interval(self, meter: monitor.IntervalMeter, writer: rundir.MetricsWriter) -> None:
+        """Read the interval's metrics (one host read), write its steps.jsonl / TensorBoard record, print a line."""
+        self.check_finite()
+        values = meter.read()
+        record = {"step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch,
+                  "images": self.step * self.cfg.data.batch_size, "lr": self.parts.scheduler.get_last_lr()[0],
+                  **values, "time": time.time()}
+        writer.write_interval(record)
+        eta_epoch, eta_run = self._eta(values["seconds_per_step"])
+        log(self.env, monitor.progress_line(self, record, eta_epoch, eta_run))
+
     def _end_epoch(self, epoch: int, writer: rundir.MetricsWriter, run_start: float) -> bool:
-        """Reduce train metrics, evaluate, log; returns True when this epoch is the best so far."""
+        """Reduce train metrics, gather the ranks' timings, evaluate, log; True when this epoch is the best."""
+        self.check_finite()
         acc = distributed.all_reduce_sum(self.epoch_acc.clone())
         loss_sum, correct, count = acc.tolist()
         record = {"epoch": epoch, "step": self.step, "train_loss": loss_sum / max(count, 1),
                   "train_acc": 100 * correct / max(count, 1), "lr": self.parts.scheduler.get_last_lr()[0],
                   "epoch_time_s": self.epoch_train_time, "img_per_s": count / max(self.epoch_train_time, 1e-9)}
-        is_best = False
-        if (epoch + 1) % self.cfg.train.eval_every == 0 or self.step >= self.total_steps:
-            is_best = self._evaluate(epoch, record)
+        if self.cfg.train.nonfinite == "skip":
+            record["skipped_steps"] = self.skipped_steps
+        spread = monitor.rank_spread(self.env, self.control, self.epoch_data_wait, self.parts.stepper.timer.take())
+        if spread is not None:
+            for name in ("data_wait_s", "forward_s"):
+                record.update({f"rank_{name}_{k}": v for k, v in spread[f"rank_{name}"].items()})
+            record["slowest_rank"] = spread["slowest_rank"]
+        is_best = self._evaluate(epoch, record) if self._evaluates_after(epoch) else False
         writer.write(record)
         elapsed = time.time() - run_start
         done_frac = self.step / self.total_steps
         eta = elapsed / max(done_frac, 1e-9) * (1 - done_frac) if self.step else 0
         test = (f" test_loss {record['test_loss']:.4f} test_acc {record['test_acc']:.2f}%"
                 if "test_acc" in record else "")
+        ranks = ""
+        if spread is not None and self.env.distributed:
+            w, f = spread["rank_data_wait_s"], spread["rank_forward_s"]
+            ranks = (f" | ranks data wait {w['min']:.1f}/{w['median']:.1f}/{w['max']:.1f}s forward "
+                     f"{f['min']:.1f}/{f['median']:.1f}/{f['max']:.1f}s (min/median/max)")
         log(self.env, f"epoch {epoch + 1}/{self.total_epochs} step {self.step}/{self.total_steps} "
                       f"train_loss {record['train_loss']:.4f} train_acc {record['train_acc']:.2f}%{test} "
                       f"lr {record['lr']:.4g} {record['img_per_s']:.0f} img/s epoch {record['epoch_time_s']:.1f}s "
-                      f"ETA {format_duration(eta)}")
+                      f"ETA {format_duration(eta)}{ranks}")
+        if spread is not None and spread["straggler"]:
+            log(self.env, f"warning: rank {spread['slowest_rank']} is a straggler: its data wait + forward time this "
+                          f"epoch is {spread['slowest_vs_median']:.2f}x the median rank's (every rank waits for it "
+                          f"at each gradient all-reduce)")
         self._emit("on_epoch_end", record)
         return is_best
 
     def fit(self) -> int:
-        """Train until the schedule ends, ``run_steps`` is reached, or a stop signal arrives."""
+        """Train until the schedule ends, ``run_steps`` is reached, a stop signal arrives, or training diverges."""
         stop = StopFlag()
-        writer = rundir.MetricsWriter(self.out, self.env.is_main, keep_epochs_below=self.step // self.steps_per_epoch)
+        writer = rundir.MetricsWriter(self.out, self.env.is_main, self.step, self.steps_per_epoch)
         try:
             code = self._fit(stop, writer)
             stop.drain()
             return code
+        except NonFiniteStop as exc:  # every rank raised it at the same step
+            stop.drain()
+            if self.env.is_main:
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+            return EXIT_NONFINITE
         finally:
             stop.restore()
             writer.close()
@@ -347,45 +444,67 @@ class Trainer:
         log(self.env, f"train.run_steps={self.cfg.train.run_steps} reached at step {self.step}; checkpoint written")
         return EXIT_OK
 
+    def _train_step(self, batches, meter: monitor.IntervalMeter, profiler: monitor.ProfilerWindow) -> None:
+        """Fetch one step's micro-batches, run the step, account for it (no host synchronization)."""
+        profiler.before_step(self.step)
+        tick = time.perf_counter()
+        micro = [next(batches) for _ in range(self.accum)]
+        waited = time.perf_counter() - tick
+        stats = self.parts(micro, self.step)
+        self.epoch_acc += stats[:3]
+        meter.add(stats, waited)
+        self.epoch_data_wait += waited
+        if self.watch is not None:
+            self.watch.add(stats, self.step, sum(labels.shape[0] for _, labels in micro))
+        self.step += 1
+        if self.parts.stepper.skipped:
+            self._skipped(stats)
+        profiler.after_step(self.step)
+        self._emit("on_step_end")
+
     def _fit(self, stop: StopFlag, writer: rundir.MetricsWriter) -> int:
         """The training loop; returns the exit code."""
         env, cfg = self.env, self.cfg
         run_start = time.time()
         start_step = self.step
         budget_end = self.step + cfg.train.run_steps if cfg.train.run_steps else self.total_steps
+        meter = monitor.IntervalMeter(env.device, cfg.data.batch_size)
+        profiler = monitor.ProfilerWindow(monitor.parse_window(cfg.train.profile_steps), self.out, env,
+                                          cfg.train.profile_ranks == "all")
         self._emit("on_fit_start")
         while self.step < self.total_steps:
             epoch, pos = divmod(self.step, self.steps_per_epoch)
             epoch_end = min((epoch + 1) * self.steps_per_epoch, self.total_steps)
             if pos == 0:
                 self.epoch_acc.zero_()
-                self.epoch_train_time = 0.0
+                self.epoch_train_time = self.epoch_data_wait = 0.0
             self.train_loader.set_epoch(epoch, start_batch=pos * self.accum)
             batches = iter(self.train_loader)
             self.bare.train()
             tick = time.time()
             stopping = False
             while self.step < epoch_end:
-                micro = [next(batches) for _ in range(self.accum)]
-                self.epoch_acc += self.parts(micro, self.step)
-                self.step += 1
-                self._emit("on_step_end")
+                self._train_step(batches, meter, profiler)
                 if self.step % cfg.train.log_every == 0:
-                    log(env, f"  step {self.step}/{self.total_steps} lr {self.parts.scheduler.get_last_lr()[0]:.4g}")
+                    self._log_interval(meter, writer)
                 stopping = stop.agreed(env, self.control)
                 if self.step == epoch_end:
                     break
                 if stopping or self.step >= budget_end or (
                         cfg.ckpt.every_steps and self.step % cfg.ckpt.every_steps == 0):
                     self.epoch_train_time += time.time() - tick
-                    tick = time.time()
+                    saving = time.time()
                     self.save()
+                    meter.exclude(time.time() - saving)
+                    tick = time.time()
                     if stopping or self.step >= budget_end:
                         return self._stopped_here(stopping)
             del batches
             self.epoch_train_time += time.time() - tick
+            ending = time.time()
             is_best = self._end_epoch(epoch, writer, run_start)
             self.save(epoch_done=epoch if self.step % self.steps_per_epoch == 0 else None, is_best=is_best)
+            meter.exclude(time.time() - ending)
             if stopping or (self.step >= budget_end and self.step < self.total_steps):
                 return self._stopped_here(stopping)
         trained = self.step - start_step

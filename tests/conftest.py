@@ -55,6 +55,12 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+def untimed(record: dict) -> dict:
+    """A metrics record without the keys that measure time (they differ between identical runs)."""
+    return {k: v for k, v in record.items()
+            if not (k.endswith("_s") or "_s_" in k or k in ("img_per_s", "slowest_rank"))}
+
+
 def weights(path: Path) -> dict:
     """The model state_dict of a checkpoint."""
     return torch.load(path, map_location="cpu", weights_only=True)["model"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY, assert_bitwise_equal, child_env, metrics, ok, run_train, train_cmd, weights
+from conftest import REPO, TINY, assert_bitwise_equal, child_env, metrics, ok, run_train, train_cmd, untimed, weights
 from ddp_resnet import checkpoint as ckpt
 from ddp_resnet.models import build_model
 
@@ -19,7 +19,7 @@ STATE_KEYS = {"model", "optimizer", "scheduler", "scaler", "ema", "step", "epoch
 
 
 def _comparable(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in ("epoch_time_s", "img_per_s")} for r in records]
+    return [untimed(r) for r in records]
 
 
 # ------------------------------------------------------------------------------------------ exact resume

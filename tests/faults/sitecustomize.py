@@ -9,7 +9,11 @@ a ``DDP_RESNET_TEST_*`` variable is set; the package itself reads none of them.
   run mid-training, whatever the machine's speed);
 * ``DDP_RESNET_TEST_SLOW_SAVE_S=S``: a checkpoint write sleeps S seconds between writing its temporary file and
   renaming it (a slow disk, to kill a write half-way);
-* ``DDP_RESNET_TEST_SCAN_LOG=FILE``: each walk of an ImageFolder tree appends the walking rank to FILE.
+* ``DDP_RESNET_TEST_SCAN_LOG=FILE``: each walk of an ImageFolder tree appends the walking rank to FILE;
+* ``DDP_RESNET_TEST_SLOW_RANK=RANK:S``: that rank's forward passes each take S seconds longer (a slow GPU);
+* ``DDP_RESNET_TEST_NAN_AT=RANK:STEP``: that rank's input is multiplied by NaN in step STEP (0-based), once;
+* ``DDP_RESNET_TEST_UNDO_AT=STEP``: every rank puts weights, buffers, optimizer and EMA back as they were before
+  step STEP once it is done: a run in which that step's update never happened (the scheduler still advances).
 """
 import os
 
@@ -17,28 +21,65 @@ _FAIL_AT = os.environ.get("DDP_RESNET_TEST_FAIL_AT", "")
 _STEP_DELAY = float(os.environ.get("DDP_RESNET_TEST_STEP_DELAY_S", "0") or 0)
 _SLOW_SAVE = float(os.environ.get("DDP_RESNET_TEST_SLOW_SAVE_S", "0") or 0)
 _SCAN_LOG = os.environ.get("DDP_RESNET_TEST_SCAN_LOG", "")
+_SLOW_RANK = os.environ.get("DDP_RESNET_TEST_SLOW_RANK", "")
+_NAN_AT = os.environ.get("DDP_RESNET_TEST_NAN_AT", "")
+_UNDO_AT = os.environ.get("DDP_RESNET_TEST_UNDO_AT", "")
+
+
+def _pair(text: str, kind=int) -> tuple:
+    rank, value = text.split(":")
+    return int(rank), kind(value)
 
 
 def _install() -> None:
+    import copy
     import time
 
     from ddp_resnet import checkpoint, trainer
     from ddp_resnet.data import imagefolder
 
-    fail_rank, fail_step = (int(v) for v in _FAIL_AT.split(":")) if _FAIL_AT else (-1, -1)
+    fail_rank, fail_step = _pair(_FAIL_AT) if _FAIL_AT else (-1, -1)
+    slow_rank, slow_s = _pair(_SLOW_RANK, float) if _SLOW_RANK else (-1, 0.0)
+    nan_rank, nan_step = _pair(_NAN_AT) if _NAN_AT else (-1, -1)
+    undo_step = int(_UNDO_AT) if _UNDO_AT else -1
 
     class Faults(trainer.Callback):
+        saved = None
+
         def on_step_end(self, run: trainer.Trainer) -> None:
             if run.env.rank == fail_rank and run.step == fail_step:
                 raise RuntimeError(f"injected failure on rank {run.env.rank} at step {run.step}")
+            if run.step == undo_step:  # the state before step `undo_step`
+                self.saved = copy.deepcopy((run.bare.state_dict(), run.parts.optimizer.state_dict(),
+                                            run.ema.state_dict() if run.ema is not None else None))
+            elif run.step == undo_step + 1 and self.saved is not None:
+                model, optimizer, ema = self.saved
+                run.bare.load_state_dict(model)
+                run.parts.optimizer.load_state_dict(optimizer)  # its momentum; the learning rate stays scheduled:
+                for group, lr in zip(run.parts.optimizer.param_groups, run.parts.scheduler.get_last_lr()):
+                    group["lr"] = lr
+                if ema is not None:
+                    run.ema.load_state_dict(ema)
             if _STEP_DELAY:
                 time.sleep(_STEP_DELAY)
+
+    def forward_faults(run: trainer.Trainer):
+        def hook(module, inputs):
+            if run.env.rank == slow_rank:
+                time.sleep(slow_s)
+            if run.env.rank == nan_rank and run.step == nan_step and module.training:
+                return (inputs[0] * float("nan"),)
+            return None
+
+        return hook
 
     original_init = trainer.Trainer.__init__
 
     def init_with_faults(self, *args, **kwargs) -> None:
         original_init(self, *args, **kwargs)
         self.callbacks.append(Faults())
+        if _SLOW_RANK or _NAN_AT:
+            self.bare.register_forward_pre_hook(forward_faults(self))
 
     trainer.Trainer.__init__ = init_with_faults
 
@@ -63,5 +104,5 @@ def _install() -> None:
         imagefolder.scan_imagefolder = logged_scan
 
 
-if _FAIL_AT or _STEP_DELAY or _SLOW_SAVE or _SCAN_LOG:
+if any((_FAIL_AT, _STEP_DELAY, _SLOW_SAVE, _SCAN_LOG, _SLOW_RANK, _NAN_AT, _UNDO_AT)):
     _install()

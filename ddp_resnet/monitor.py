@@ -1,0 +1,166 @@
+"""What the training loop measures while it runs, without a host synchronization per step.
+
+* ``IntervalMeter``: per ``train.log_every`` steps, the mean loss, accuracy and gradient norm (summed on the device,
+  read once per interval), images/s, the share of time spent waiting for data, ETAs; the progress line.
+* ``NonFiniteWatch``: remembers, on the device, the first step whose loss (or gradient norm) was not finite; read
+  with the interval, before every checkpoint and before every evaluation.
+* ``rank_spread``: each rank's data-wait and forward time of an epoch, gathered to rank 0 (stragglers).
+* ``ProfilerWindow``: a torch.profiler trace of ``train.profile_steps=START:END``.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from ddp_resnet.engine import STAT_GRAD_NORM, STAT_LOSS_SUM, StepSettings, nonfinite
+from ddp_resnet.rundir import format_duration
+
+STRAGGLER_RATIO = 1.2  # a rank whose data wait + forward time exceeds the median by 20% ...
+STRAGGLER_MIN_S = 0.5  # ... and by at least this many seconds in the epoch is named in a warning
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+class IntervalMeter:
+    """Sums one logging interval's step metrics on the device; ``read()`` synchronizes once and resets."""
+
+    def __init__(self, device: torch.device, global_batch: int):
+        self.device, self.global_batch = device, global_batch
+        self.sums = torch.zeros(4, device=device)  # the engine's STAT_* sums over the interval's steps
+        self.steps = 0
+        self.data_wait = 0.0
+        self.excluded = 0.0
+        self.start = time.perf_counter()
+
+    def add(self, stats: torch.Tensor, data_wait_s: float) -> None:
+        """Account for one optimizer step (a device add, no synchronization)."""
+        self.sums += stats
+        self.steps += 1
+        self.data_wait += data_wait_s
+
+    def exclude(self, seconds: float) -> None:
+        """Time spent on something other than training steps (evaluation, checkpoints): not in img/s."""
+        self.excluded += seconds
+
+    def read(self) -> dict:
+        """The interval's means (one device->host copy), then start a new interval."""
+        loss_sum, correct, count, norm_sum = self.sums.tolist()
+        elapsed = max(time.perf_counter() - self.start - self.excluded, 1e-9)
+        steps = max(self.steps, 1)
+        out = {"loss": _finite(loss_sum / max(count, 1)), "acc": 100 * correct / max(count, 1),
+               "img_per_s": self.steps * self.global_batch / elapsed, "data_wait": min(1.0, self.data_wait / elapsed),
+               "grad_norm": _finite(norm_sum / steps), "seconds_per_step": elapsed / steps}
+        if self.device.type == "cuda":
+            out["mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.sums.zero_()
+        self.steps, self.data_wait, self.excluded, self.start = 0, 0.0, 0.0, time.perf_counter()
+        return out
+
+
+def progress_line(trainer, record: dict, eta_epoch_s: float, eta_run_s: float) -> str:
+    """The rank-0 progress line of one interval."""
+    epoch, pos = divmod(trainer.step, trainer.steps_per_epoch)
+    if pos == 0 and trainer.step:  # the interval ended with the epoch
+        epoch, pos = epoch - 1, trainer.steps_per_epoch
+    loss = "nan" if record["loss"] is None else f"{record['loss']:.4f}"
+    mem = f" | mem {record['mem_gib']:.1f} GiB" if "mem_gib" in record else ""
+    return (f"epoch {epoch + 1}/{trainer.total_epochs} step {pos}/{trainer.steps_per_epoch} "
+            f"(run {trainer.step}/{trainer.total_steps}) | loss {loss} | acc {record['acc']:.2f}% | "
+            f"lr {record['lr']:.4g} | {record['img_per_s']:,.0f} img/s | data {100 * record['data_wait']:.0f}%{mem} | "
+            f"ETA epoch {format_duration(eta_epoch_s)}, run {format_duration(eta_run_s)}")
+
+
+class NonFiniteWatch:
+    """The first step of this rank whose loss (or gradient norm, see ``engine.nonfinite``) was not finite, kept on
+    the device as ``[step, loss, gradient norm]`` (step -1: none) and read only when asked."""
+
+    def __init__(self, settings: StepSettings):
+        self.settings = settings
+        self.first = torch.tensor([-1.0, 0.0, 0.0], device=settings.device)
+
+    def add(self, stats: torch.Tensor, step: int, count: int) -> None:
+        """Note this step's finiteness (device ops only)."""
+        new = nonfinite(stats, self.settings) & (self.first[0] < 0)
+        seen = torch.stack([torch.full_like(stats[0], step), stats[STAT_LOSS_SUM] / count, stats[STAT_GRAD_NORM]])
+        self.first = torch.where(new, seen, self.first)
+
+    def check(self, env) -> dict | None:
+        """Every rank's record, agreed: the earliest bad step ``{step, rank, loss, grad_norm}``, or None (a collective
+        with a process group; one host read)."""
+        rows = [self.first]
+        if env.distributed:
+            rows = [torch.empty_like(self.first) for _ in range(env.world_size)]
+            torch.distributed.all_gather(rows, self.first)
+        bad = [(row[0], rank, row[1], row[2]) for rank, row in enumerate(torch.stack(rows).tolist()) if row[0] >= 0]
+        if not bad:
+            return None
+        step, rank, loss, norm = min(bad)
+        return {"step": int(step), "rank": rank, "loss": loss, "grad_norm": norm}
+
+
+def rank_spread(env, control_group, data_wait_s: float, forward_s: float) -> dict | None:
+    """Every rank's data-wait and forward seconds of an epoch, gathered to rank 0: min / median / max of each and
+    the slowest rank (a collective; rank 0 gets the dict, others None)."""
+    mine = (data_wait_s, forward_s)
+    rows = [mine]
+    if env.distributed:
+        rows = [None] * env.world_size
+        torch.distributed.all_gather_object(rows, mine, group=control_group)
+    if not env.is_main:
+        return None
+    totals = [w + f for w, f in rows]
+    median = statistics.median(totals)
+    slowest = max(range(len(rows)), key=totals.__getitem__)
+    out = {"slowest_rank": slowest,
+           "straggler": (totals[slowest] > STRAGGLER_RATIO * median and totals[slowest] - median > STRAGGLER_MIN_S
+                         and len(rows) > 1),
+           "slowest_vs_median": totals[slowest] / median if median > 0 else 1.0}
+    for i, name in enumerate(("data_wait_s", "forward_s")):
+        values = [row[i] for row in rows]
+        out[f"rank_{name}"] = {"min": min(values), "median": statistics.median(values), "max": max(values)}
+    return out
+
+
+def parse_window(text: str) -> tuple[int, int] | None:
+    """``"START:END"`` -> (START, END) global steps, END exclusive; ``""`` -> None (validated by the config)."""
+    if not text:
+        return None
+    start, end = (int(v) for v in text.split(":"))
+    return start, end
+
+
+class ProfilerWindow:
+    """A torch.profiler trace of the steps ``[start, end)``, written as a Chrome/TensorBoard trace into
+    ``<output_dir>/profile/`` on the chosen ranks."""
+
+    def __init__(self, window: tuple[int, int] | None, out: Path, env, all_ranks: bool):
+        self.window = window if window and (all_ranks or env.is_main) else None
+        self.dir, self.env = Path(out) / "profile", env
+        self.profiler = None
+
+    def before_step(self, step: int) -> None:
+        """Start the profiler at the window's first step."""
+        if self.window and step == self.window[0] and self.profiler is None:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.env.device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            handler = torch.profiler.tensorboard_trace_handler(str(self.dir), worker_name=f"rank{self.env.rank}")
+            self.profiler = torch.profiler.profile(activities=activities, on_trace_ready=handler)
+            self.profiler.start()
+
+    def after_step(self, step: int) -> None:
+        """Stop and write the trace once the window's last step is done (``step`` counts it)."""
+        if self.profiler is not None and step >= self.window[1]:
+            self.profiler.stop()
+            self.profiler = None
+            traces = sorted(self.dir.glob(f"rank{self.env.rank}.*.pt.trace.json"), key=lambda p: p.stat().st_mtime)
+            where = traces[-1] if traces else self.dir
+            print(f"[rank {self.env.rank}] profile of steps {self.window[0]}-{self.window[1] - 1} written to {where} "
+                  f"(chrome://tracing, https://ui.perfetto.dev, or TensorBoard's profiler plugin on {self.dir})",
+                  flush=True)
