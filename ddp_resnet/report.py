@@ -1,9 +1,10 @@
 """`python -m ddp_resnet.report RUN_DIR [key=value ...] [--images N] [--out DIR]`: figures and a summary of a run.
 
-Reads the run directory the trainer wrote (``metrics.jsonl``, ``best_eval.json``, ``checkpoints/``) and writes
-into ``RUN_DIR/report/`` (or ``--out``):
+Reads the run directory the trainer wrote (``metrics.jsonl``, ``steps.jsonl``, ``best_eval.json``, ``checkpoints/``)
+and writes into ``RUN_DIR/report/`` (or ``--out``):
 
-* ``training.png``: 2 x 2 panels (loss, accuracy, learning rate, train-test gap) per epoch, best epoch marked;
+* ``training.png``: 2 x 2 panels (loss, accuracy, learning rate, train-test gap) against epochs, best epoch
+  marked; train curves per logging interval (``steps.jsonl``; per epoch for runs without it), test per evaluation;
 * ``confusion.png``: the best epoch's confusion matrix (rows: true class, normalised per row);
 * ``per_class.txt``, ``per_class.csv``, ``per_class.png``: per-class precision / recall / F1 / support;
 * ``predictions.png``: test images with their true and predicted labels, correct (green) and incorrect (red),
@@ -143,40 +144,43 @@ def write_summary(path: Path, run_dir: Path, numbers: dict, config: dict, figure
 
 
 # ----------------------------------------------------------------------------------------------- figures
-def plot_training(records: list[dict], best_epoch: int, path: Path) -> Path:
-    """2 x 2: loss, accuracy, learning rate, train-test gap per epoch (1-based); the best epoch is marked."""
+def plot_training(records: list[dict], best_epoch: int, path: Path, train: list[dict] | None = None) -> Path:
+    """2 x 2: loss, accuracy, learning rate, train-test gap against (1-based) epochs; the best epoch is marked.
+
+    Train curves are drawn from ``train`` (:func:`plots.train_points`: per logging interval from steps.jsonl), by
+    default from metrics.jsonl's per-epoch train numbers; test curves and the gap have one point per evaluation.
+    """
     fig = plots.new_figure(*TRAINING_FIGSIZE)
     axes = fig.subplots(2, 2)
-    epochs = [r["epoch"] + 1 for r in records]
-    tested = [r for r in records if "test_acc" in r]
-    t_epochs = [r["epoch"] + 1 for r in tested]
+    train = train or plots.epoch_points(records)
+    per_interval = bool(train) and train[0]["source"] == rundir.STEPS
+    tested = plots.eval_points(records)
+    t_x, x = [p["epoch"] for p in tested], [p["epoch"] for p in train]
 
     ax = axes[0][0]
-    ax.plot(epochs, [r["train_loss"] for r in records], "--", label="train")
-    ax.plot(t_epochs, [r["test_loss"] for r in tested], "-", marker="o" if len(tested) < 30 else None,
-            markersize=3, label="test")
+    plots.draw_series(ax, x, [p["loss"] for p in train], "train", "C0", "--")
+    plots.draw_series(ax, t_x, [p["loss"] for p in tested], "test", "C1")
     ax.set_title("loss")
     ax = axes[0][1]
-    ax.plot(epochs, [r["train_acc"] for r in records], "--", label="train")
-    ax.plot(t_epochs, [r["test_acc"] for r in tested], "-", marker="o" if len(tested) < 30 else None,
-            markersize=3, label="test top-1")
-    if tested and "test_top5" in tested[0]:
-        ax.plot(t_epochs, [r["test_top5"] for r in tested], ":", label="test top-5")
-    best = next((r for r in tested if r["epoch"] + 1 == best_epoch), None)
+    plots.draw_series(ax, x, [p["acc"] for p in train], "train", "C0", "--")
+    plots.draw_series(ax, t_x, [p["acc"] for p in tested], "test top-1", "C1")
+    if any(p["top5"] is not None for p in tested):
+        plots.draw_series(ax, t_x, [p["top5"] for p in tested], "test top-5", "C2", ":")
+    best = next((p for p in tested if p["epoch"] == best_epoch), None)
     if best is not None:
-        ax.plot([best_epoch], [best["test_acc"]], "*", color="red", markersize=12,
-                label=f"best {best['test_acc']:.2f}% (epoch {best_epoch})")
+        ax.plot([best_epoch], [best["acc"]], "*", color="red", markersize=12, zorder=1.5,  # under the test point
+                label=f"best {best['acc']:.2f}% (epoch {best_epoch})")
     ax.set_title("accuracy (%)")
     ax = axes[1][0]
-    lrs = [r["lr"] for r in records]
-    ax.plot(epochs, lrs, "-", color="C2", label="lr (end of epoch)")
-    positive = [v for v in lrs if v > 0]
+    lrs = [p["lr"] for p in train]
+    plots.draw_series(ax, x, lrs, "lr (per logging interval)" if per_interval else "lr (end of epoch)", "C2")
+    positive = [v for v in lrs if v is not None and v > 0]
     if positive and max(positive) / min(positive) > 50:
         ax.set_yscale("log")
     ax.set_title("learning rate")
     ax = axes[1][1]
-    ax.plot(t_epochs, [r["train_acc"] - r["test_acc"] for r in tested], "-", color="C3",
-            marker="o" if len(tested) < 30 else None, markersize=3, label="train - test accuracy")
+    gaps = [r["train_acc"] - r["test_acc"] for r in records if "test_acc" in r]
+    plots.draw_series(ax, t_x, gaps, "train - test accuracy", "C3")
     ax.axhline(0, color="gray", linewidth=0.8)
     ax.set_title("train-test gap (accuracy points)")
     from matplotlib.ticker import MaxNLocator
@@ -188,7 +192,8 @@ def plot_training(records: list[dict], best_epoch: int, path: Path) -> Path:
             ax.set_xlabel("epoch")
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=8)
-    fig.suptitle(f"training: best test accuracy at epoch {best_epoch}")
+    source = f"train: {len(train)} intervals of steps.jsonl" if per_interval else "train: per epoch"
+    fig.suptitle(f"training: best test accuracy at epoch {best_epoch} ({source})")
     fig.tight_layout()
     return plots.save(fig, path)
 
@@ -385,7 +390,8 @@ def make_report(run_dir: str | Path, out: str | Path | None = None, overrides: l
     written: dict[str, Path] = {}
     notes: list[str] = []
     numbers = summary_numbers(records, best)
-    written["training.png"] = plot_training(records, numbers["best_epoch"], out / "training.png")
+    written["training.png"] = plot_training(records, numbers["best_epoch"], out / "training.png",
+                                            plots.train_points(run_dir, records))
     if best.get("confusion"):
         names = best.get("class_names") or [str(i) for i in range(len(best["confusion"]))]
         written["confusion.png"] = plot_confusion(best["confusion"], names, out / "confusion.png")

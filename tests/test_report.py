@@ -61,6 +61,24 @@ def test_report_command_writes_valid_figures_tables_and_summary(run_dir):
         assert f"]({name})" in summary
 
 
+def test_training_figure_takes_train_curves_from_steps_jsonl(run_dir, tmp_path):
+    records = metrics(run_dir)  # 3 epochs of 4 steps
+    steps = [{"step": s, "epoch": (s - 1) // 4, "images": 32 * s, "loss": 2.3 - s / 10, "acc": 10.0 + 3 * s,
+              "lr": 0.1, "img_per_s": 500.0, "data_wait": 0.2, "grad_norm": None, "time": 1.7e9 + s}
+             for s in range(1, 13)]
+    (tmp_path / "steps.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
+    intervals = plots.interval_points(tmp_path, records)
+    assert [p["epoch"] for p in intervals] == [k / 4 for k in range(1, 13)]  # step within its epoch
+    assert [p["error"] for p in intervals] == [90.0 - 3 * s for s in range(1, 13)]
+    assert plots.train_points(tmp_path, records) == intervals
+    assert plots.interval_points(run_dir / "no such dir", records) == []
+    assert plots.train_points(run_dir / "no such dir", records) == plots.epoch_points(records)
+    (tmp_path / "steps.jsonl").write_text(json.dumps(steps[-1]) + "\n")  # train.log_every longer than an epoch
+    assert plots.train_points(tmp_path, records) == plots.epoch_points(records)
+    path = report.plot_training(records, 2, tmp_path / "training.png", intervals)
+    assert _size(path) == ("PNG", plots.size_px(*report.TRAINING_FIGSIZE))
+
+
 def test_missing_matplotlib_prints_one_line_and_exits_2(run_dir, monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
     assert report.main([str(run_dir), "--out", str(tmp_path / "r")]) == 2

@@ -61,8 +61,15 @@ def _family(label: str) -> str:
     return re.sub(r"\d.*$", "", label) or label
 
 
+def _curves(members) -> list[tuple[str, list[dict], list[dict]]]:
+    """(label, train points per logging interval (per epoch without steps.jsonl), test points) of each run."""
+    return [(run.label, plots.train_points(path, records), plots.eval_points(records))
+            for run, path, records in members]
+
+
 def analyze_degradation(plan: ExperimentPlan, warn=print) -> list[Path]:
-    """degradation.png: train (dashed) / test (solid) error vs iterations, one panel per family (plain, resnet)."""
+    """degradation.png: train (dashed, per logging interval) / test (solid, per evaluation) error vs iterations
+    (optimizer steps, as in He et al. Fig. 6), one panel per family (plain, resnet); results.md."""
     found = collect(plan, warn)
     families = list(dict.fromkeys(_family(run.label) for run, _, _ in found))
     w, h = CURVES_FIGSIZE_PER_PANEL
@@ -71,9 +78,9 @@ def analyze_degradation(plan: ExperimentPlan, warn=print) -> list[Path]:
     depths = sorted({int(re.sub(r"\D", "", run.label) or 0) for run, _, _ in found})
     colors = {d: f"C{i}" for i, d in enumerate(depths)}
     for ax, family in zip(axes, families):
-        members = [(run, records) for run, _, records in found if _family(run.label) == family]
-        plots.error_curves(ax, [(run.label, records) for run, records in members], x_key="step",
-                           colors=[colors[int(re.sub(r"\D", "", run.label) or 0)] for run, _ in members])
+        members = [member for member in found if _family(member[0].label) == family]
+        plots.error_curves(ax, _curves(members), x_key="step",
+                           colors=[colors[int(re.sub(r"\D", "", run.label) or 0)] for run, _, _ in members])
         ax.set_title({"plain": "plain nets", "resnet": "ResNets"}.get(family, family or "runs"))
     fig.suptitle("CIFAR-10 degradation: training error (dashed) and test error (solid)"
                  if _dataset(found) == "cifar10" else "training error (dashed) and test error (solid)")
@@ -85,20 +92,23 @@ def analyze_degradation(plan: ExperimentPlan, warn=print) -> list[Path]:
 
 
 def analyze_wd_ablation(plan: ExperimentPlan, warn=print) -> list[Path]:
-    """wd_ablation.png: error curves and loss curves per epoch for each weight decay; results.md."""
+    """wd_ablation.png: error and loss curves of each weight decay against epochs; results.md.
+
+    Train curves are per logging interval (steps.jsonl) at fractional epochs (:func:`plots.fractional_epochs`: an
+    interval's step within its epoch's steps), per epoch for runs without steps.jsonl; test curves per evaluation.
+    """
     found = collect(plan, warn)
     w, h = CURVES_FIGSIZE_PER_PANEL
     fig = plots.new_figure(2 * w, h)
     ax_err, ax_loss = fig.subplots(1, 2)
-    plots.error_curves(ax_err, [(run.label, records) for run, _, records in found], x_key="epoch")
+    curves = _curves(found)
+    plots.error_curves(ax_err, curves, x_key="epoch")
     ax_err.set_title("error: train (dashed), test (solid)")
-    for i, (run, _, records) in enumerate(found):
-        color = f"C{i}"
-        ax_loss.plot([r["epoch"] + 1 for r in records], [r["train_loss"] for r in records], "--", color=color,
-                     label=f"{run.label} train")
-        tested = _tested(records)
-        ax_loss.plot([r["epoch"] + 1 for r in tested], [r["test_loss"] for r in tested], "-", color=color,
-                     label=f"{run.label} test")
+    for i, (label, train, test) in enumerate(curves):
+        plots.draw_series(ax_loss, [p["epoch"] for p in train], [p["loss"] for p in train], f"{label} train", f"C{i}",
+                          "--", 1.2)
+        plots.draw_series(ax_loss, [p["epoch"] for p in test], [p["loss"] for p in test], f"{label} test", f"C{i}",
+                          "-", 1.8)
     from matplotlib.ticker import MaxNLocator
 
     ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -179,12 +189,13 @@ def analyze_depth(plan: ExperimentPlan, warn=print) -> list[Path]:
         return paths
     ax = fig.add_subplot(1, 1, 1)
     drawn = [r for r in rows if r["depth"] is not None and r["final_test_error"] is not None]
-    ax.plot([r["depth"] for r in drawn], [r["final_test_error"] for r in drawn], "o-", label="final test error")
-    ax.plot([r["depth"] for r in drawn], [r["best_test_error"] for r in drawn], "s--", label="best test error")
+    depths = [r["depth"] for r in drawn]
+    plots.draw_series(ax, depths, [r["final_test_error"] for r in drawn], "final test error", "C0")
+    plots.draw_series(ax, depths, [r["best_test_error"] for r in drawn], "best test error", "C1", "--", marker="s")
     with_paper = [r for r in drawn if r["paper_test_error"] is not None]
     if with_paper:
-        ax.plot([r["depth"] for r in with_paper], [r["paper_test_error"] for r in with_paper], "k^:",
-                label="He et al. 2015")
+        plots.draw_series(ax, [r["depth"] for r in with_paper], [r["paper_test_error"] for r in with_paper],
+                          "He et al. 2015", "k", ":", marker="^")
     ax.set_xlabel("depth (layers)")
     ax.set_ylabel("test error (%)")
     ax.set_xticks([r["depth"] for r in drawn])
@@ -258,8 +269,7 @@ def run_gradient_flow(plan: ExperimentPlan, log=print) -> list[Path]:
     ax = fig.add_subplot(1, 1, 1)
     longest = max(results, key=lambda r: len(r[1]))[1]
     for i, (run, norms, _, _) in enumerate(results):
-        ax.plot(range(len(norms)), [max(n, 1e-30) for _, n in norms], "o-", markersize=3, color=f"C{i}",
-                label=run.label)
+        plots.draw_series(ax, list(range(len(norms))), [max(n, 1e-30) for _, n in norms], run.label, f"C{i}")
     ax.set_yscale("log")
     step = max(1, len(longest) // 30)
     ax.set_xticks(range(0, len(longest), step))
