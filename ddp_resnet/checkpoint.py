@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import platform
 import random
 import re
 import socket
@@ -25,6 +26,19 @@ EPOCH_FILE = re.compile(r"epoch_(\d+)\.pt$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, described in one line."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint that could not be written (no space, I/O error, quota), described in one line."""
+
+    exit_code = 74  # sysexits' EX_IOERR: the environment failed, not the run
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind an exception (torch.save wraps a failed write in a RuntimeError)."""
+    while exc is not None and not isinstance(exc, OSError):
+        exc = exc.__cause__ or exc.__context__
+    return exc
 
 
 # ------------------------------------------------------------------------------------------------ RNG state
@@ -74,12 +88,21 @@ def _git_commit() -> str:
 _COMMIT: list = []
 
 
-def manifest(world_size: int) -> dict:
-    """Where and with what a checkpoint was written."""
+def versions() -> dict:
+    """The versions a run depends on (ranks must agree on them; checkpoints record them)."""
+    import torchvision
+
     if not _COMMIT:
         _COMMIT.append(_git_commit())
-    return {"package_version": ddp_resnet.__version__, "torch_version": str(torch.__version__),
-            "world_size": world_size, "git_commit": _COMMIT[0], "hostname": socket.gethostname(),
+    return {"ddp_resnet": ddp_resnet.__version__, "git_commit": _COMMIT[0], "torch": str(torch.__version__),
+            "torchvision": torchvision.__version__, "numpy": np.__version__, "python": platform.python_version()}
+
+
+def manifest(world_size: int) -> dict:
+    """Where and with what a checkpoint was written."""
+    v = versions()
+    return {"package_version": v["ddp_resnet"], "torch_version": v["torch"], "world_size": world_size,
+            "git_commit": v["git_commit"], "versions": v, "hostname": socket.gethostname(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "unix_time": time.time()}
 
 
@@ -87,22 +110,28 @@ def manifest(world_size: int) -> dict:
 def save(payload: dict, path: str | Path) -> None:
     """Atomically write payload to path: temporary file, fsync, rename, fsync of the directory."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except Exception as exc:  # noqa: BLE001 - any failed write: one line, the errno's text when there is one
+        cause = _os_error(exc)
+        detail = (cause.strerror or str(cause)) if cause is not None else str(exc).strip().splitlines()[0][:200]
+        raise CheckpointWriteError(f"could not write checkpoint {path}: {detail}") from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # the file system refuses even that: the temporary name never replaces a checkpoint
+            pass
 
 
 def _read(path: str | Path, map_location) -> object:

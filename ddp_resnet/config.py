@@ -20,7 +20,11 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A configuration problem, described in one line."""
+    """A configuration problem, described in one line (every rank meets the same one: rank 0 prints it)."""
+
+
+class RankError(ConfigError):
+    """A problem of one rank's own environment (its GPU, say): printed by the rank that meets it."""
 
 
 class _Loader(yaml.SafeLoader):

@@ -12,6 +12,8 @@ import datetime
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import traceback
@@ -21,7 +23,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ddp_resnet.config import ConfigError
+from ddp_resnet.config import ConfigError, RankError
+
+COLLECTIVE_GRACE_S = 30
 
 
 @dataclass(frozen=True)
@@ -168,7 +172,7 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
         raise ConfigError("train.device: cuda requested but CUDA is not available; valid choices here: auto, cpu")
     count = torch.cuda.device_count()
     if local_rank >= count:
-        raise ConfigError(f"local rank {local_rank} has no GPU: this node has {count} (one process per GPU)")
+        raise RankError(f"local rank {local_rank} has no GPU: this node has {count} (one process per GPU)")
     return torch.device("cuda", local_rank)
 
 
@@ -179,10 +183,26 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
+def die_with_launcher() -> None:
+    """Linux: have the kernel send this worker SIGTERM when its torchrun agent dies, so a node whose agent is
+    killed takes its workers with it (they stop with a checkpoint, as on any SIGTERM) instead of training on as
+    orphans while the other nodes' agents wait for the dead one."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the agent died before the request: act on it now
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def init(device: str = "auto", backend: str = "auto", timeout_s: int = 300,
          launch: LaunchInfo | None = None) -> DistEnv:
     """Pin this rank's device and, for more than one process, create the process group."""
     launch = launch or read_env()
+    if launch.launcher == "torchrun":
+        die_with_launcher()
     dev = resolve_device(device, launch.local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -195,7 +215,8 @@ def init(device: str = "auto", backend: str = "auto", timeout_s: int = 300,
     kwargs = {}
     if chosen == "nccl":
         kwargs["device_id"] = dev
-    timeout = datetime.timedelta(seconds=timeout_s)
+    # collectives give up COLLECTIVE_GRACE_S after the watchdog (monitor.Watchdog, dist.timeout_s), which says why
+    timeout = datetime.timedelta(seconds=timeout_s + COLLECTIVE_GRACE_S)
     if launch.agent_store:
         # torchrun keeps one store across worker restarts; without a per-attempt namespace the restarted ranks
         # can read the dead ranks' addresses and fail to connect ("Connection refused").
@@ -212,16 +233,23 @@ def guarded(work: Callable[[], int], rank: int, what: str, usage_errors: tuple) 
     """Run a process's work and turn failures into exit codes, the same way in every tool.
 
     An error of a ``usage_errors`` class (bad configuration, unusable checkpoint: every rank meets the same one)
-    exits 2 and is printed by rank 0 only; any other exception prints this rank's traceback and exits 1. With a
-    process group the process leaves at once (``os._exit``), so the other ranks' collectives fail instead of
-    waiting for it.
+    exits 2 and is printed by rank 0 only (a ``RankError``, one rank's own problem, by that rank); an ``OSError``
+    of the environment (a full or read-only disk) exits 74, printed in one line; any other exception prints this
+    rank's traceback and exits 1. With a process group the process leaves at once (``os._exit``), so the other
+    ranks' collectives fail instead of waiting for it.
     """
     try:
         return work()
+    except RankError as exc:
+        print(f"error: [rank {rank}] {exc}", file=sys.stderr, flush=True)
+        code = 2
     except usage_errors as exc:
         if rank == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
-        code = 2
+        code = getattr(exc, "exit_code", 2)
+    except OSError as exc:  # the environment (a disk, a mount) failed, not the run
+        print(f"error: [rank {rank}] {exc}", file=sys.stderr, flush=True)
+        code = 74
     except BaseException:
         print(f"[rank {rank}] {what} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         code = 1
@@ -276,10 +304,72 @@ def share_from_rank0(fn, env: DistEnv | None):
     return result
 
 
-def broadcast_object(obj, env: DistEnv, src: int = 0):
-    """Send a picklable object from rank `src` to every rank."""
+def broadcast_object(obj, env: DistEnv, src: int = 0, group=None):
+    """Send a picklable object from rank `src` to every rank (over ``group``, a gloo group: no device copy)."""
     if not env.distributed:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src, device=env.device if env.backend == "nccl" else None)
+    device = env.device if env.backend == "nccl" and group is None else None
+    dist.broadcast_object_list(box, src=src, group=group, device=device)
     return box[0]
+
+
+def control_group(env: DistEnv):
+    """A gloo group for host-side agreement (stop flags, RNG states, checkpoint outcomes): CPU tensors, so it
+    never synchronizes a GPU (the world group itself under gloo; None without a process group)."""
+    if not env.distributed:
+        return None
+    return dist.new_group(backend="gloo") if env.backend != "gloo" else dist.group.WORLD
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def _disagreement(rows: list[tuple[dict, dict]]) -> str | None:
+    """The first keys (config, then versions) on which a rank differs from rank 0, in one line; None if none."""
+    for index, what in ((1, "configuration"), (0, "package versions")):
+        reference = _flat(rows[0][index])
+        for rank, row in enumerate(rows[1:], 1):
+            mine = _flat(row[index])
+            keys = sorted(k for k in reference.keys() | mine.keys() if reference.get(k) != mine.get(k))
+            if keys:
+                shown = ", ".join(f"{k}={mine.get(k)!r} (rank 0: {reference.get(k)!r})" for k in keys[:4])
+                return f"ranks disagree on their {what}: rank {rank} has {shown}; every rank must run the same"
+    return None
+
+
+def check_ranks(env: DistEnv, group, config: dict, versions: dict, timeout_s: float) -> list[dict]:
+    """Start-up health check (a collective): every rank answers a monitored barrier within ``timeout_s``, an
+    all-reduce on the training backend sums to the world size, and every rank runs the same configuration and
+    package versions (else ConfigError naming the differing keys, on every rank). Returns the ranks' facts."""
+    facts = {"rank": env.rank, "local_rank": env.local_rank, "host": socket.gethostname(), "device": str(env.device),
+             "pid": os.getpid()}
+    if not env.distributed:
+        return [facts]
+    try:
+        dist.monitored_barrier(group=group, timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
+    except RuntimeError as exc:
+        raise RuntimeError(f"start-up health check: {str(exc).strip().splitlines()[0][:300]}") from None
+    rows: list = [None] * env.world_size
+    dist.all_gather_object(rows, (versions, config, facts), group=group)
+    ones = torch.ones(1, device=env.device)
+    dist.all_reduce(ones)
+    if int(ones.item()) != env.world_size:
+        raise RuntimeError(f"start-up health check: an all-reduce over {env.backend} gave {ones.item()}, not "
+                           f"{env.world_size}")
+    problem = _disagreement([(v, c) for v, c, _ in rows])
+    if problem:
+        raise ConfigError(problem)
+    return [f for _, _, f in rows]
+
+
+def format_ranks(rows: list[dict]) -> str:
+    """The ranks as a table (rank, local rank, host, device, pid)."""
+    table = [("rank", "local", "host", "device", "pid")]
+    table += [(str(r["rank"]), str(r["local_rank"]), r["host"], r["device"], str(r["pid"])) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(5)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table)

@@ -184,11 +184,12 @@ def nonfinite(stats: torch.Tensor, settings: StepSettings) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, num_classes: int, device: torch.device, amp: str = "none",
-             tta_flip: bool = False) -> dict:
+             tta_flip: bool = False, on_batch=None) -> dict:
     """Exact evaluation: every sample of the (rank-sharded, unpadded) loader counted once, sums all-reduced.
 
     Returns loss, top1, top5 (percent), count, and the confusion matrix (rows: true class, cols: predicted)
-    identical on every rank. Call on every rank (it is a collective when a process group exists).
+    identical on every rank. Call on every rank (it is a collective when a process group exists). ``on_batch()``,
+    when given, is called after each batch (no synchronization).
     """
     was_training = model.training
     model.eval()
@@ -209,6 +210,8 @@ def evaluate(model: nn.Module, loader, num_classes: int, device: torch.device, a
                                  (topk == labels[:, None]).any(1).sum().double()])
         sums[3] += labels.shape[0]  # a host number: no host-to-device copy per batch
         confusion += torch.bincount(labels * num_classes + pred, minlength=num_classes * num_classes)
+        if on_batch is not None:
+            on_batch()
     distributed.all_reduce_sum(sums)
     distributed.all_reduce_sum(confusion)
     model.train(was_training)

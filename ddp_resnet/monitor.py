@@ -6,12 +6,18 @@
   with the interval, before every checkpoint and before every evaluation.
 * ``rank_spread``: each rank's data-wait and forward time of an epoch, gathered to rank 0 (stragglers).
 * ``ProfilerWindow``: a torch.profiler trace of ``train.profile_steps=START:END``.
+* ``Watchdog``: ends a process that makes no progress for ``dist.timeout_s``, saying where it waited.
 """
 from __future__ import annotations
 
+import faulthandler
 import math
+import os
 import statistics
+import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -164,3 +170,52 @@ class ProfilerWindow:
             print(f"[rank {self.env.rank}] profile of steps {self.window[0]}-{self.window[1] - 1} written to {where} "
                   f"(chrome://tracing, https://ui.perfetto.dev, or TensorBoard's profiler plugin on {self.dir})",
                   flush=True)
+
+
+EXIT_HUNG = 70  # sysexits' EX_SOFTWARE: this rank made no progress (a peer stopped, died or deadlocked)
+
+
+class Watchdog:
+    """A thread that ends this process when it makes no progress for ``limit_s`` seconds.
+
+    The loop calls ``beat(phase)`` at every step boundary (and per evaluation batch); a thread checks the time
+    since the last beat. When it exceeds the limit (a peer rank was stopped or died, a deadlock, a dead NFS mount
+    under the data loader), it prints one line (rank, step, and what this rank waits in: the collective or the
+    loader), every thread's Python stack (faulthandler), and exits with ``EXIT_HUNG``, so the job ends within the
+    limit instead of hanging until a scheduler's time limit. ``pause()`` covers legitimately long quiet phases
+    (the first step's compilation).
+    """
+
+    def __init__(self, limit_s: float, rank: int, where: Callable[[], str]):
+        self.limit, self.rank, self.where = limit_s, rank, where
+        self.phase, self.last, self.paused = "starting", time.monotonic(), False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="ddp_resnet-watchdog", daemon=True)
+        self._thread.start()
+
+    def beat(self, phase: str | None = None) -> None:
+        """Progress: restart the clock (and say what comes next)."""
+        self.last = time.monotonic()
+        if phase is not None:
+            self.phase = phase
+
+    def pause(self, paused: bool = True) -> None:
+        """Stop (or resume) watching, e.g. while torch.compile compiles the first step."""
+        self.paused = paused
+        self.beat()
+
+    def close(self) -> None:
+        """Stop the thread and wait for it (a daemon thread still alive at interpreter exit can abort it)."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(1.0, self.limit / 20)):
+            if self.paused or time.monotonic() - self.last <= self.limit:
+                continue
+            print(f"error: [rank {self.rank}] no progress for {self.limit:.0f} s at {self.where()}: waiting in "
+                  f"{self.phase}; a peer rank may be stopped, dead or deadlocked (Python stacks follow)",
+                  file=sys.stderr, flush=True)
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+            sys.stderr.flush()
+            os._exit(EXIT_HUNG)

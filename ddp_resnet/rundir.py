@@ -65,6 +65,24 @@ class RunLock:
             self.handle = None
 
 
+def check_writable(out: str | Path) -> None:
+    """Create the output directory and prove it writable, or raise ConfigError naming the problem: a file where a
+    directory should be, a parent that cannot be created, a read-only or full file system, no permission."""
+    out = Path(out)
+    blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ConfigError(f"output_dir {out}: {blocker} is a file, not a directory; choose another output_dir")
+    probe = out / f".write_test.{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CHECKPOINTS).mkdir(exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        where = exc.filename or out
+        raise ConfigError(f"output_dir {out} is not writable: {where}: {exc.strerror or exc}") from None
+
+
 def holds_run(out: str | Path) -> bool:
     """True when the directory holds a run (a checkpoint or metrics)."""
     out = Path(out)
@@ -170,6 +188,7 @@ class MetricsWriter:
         self.enabled = is_main
         self.path, self.steps_path = Path(out) / METRICS, Path(out) / STEPS
         self.tb = None
+        self.failed: set = set()
         if not self.enabled:
             return
         epochs_done = resume_step // steps_per_epoch
@@ -190,23 +209,28 @@ class MetricsWriter:
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self.tb.add_scalar(tag, value, step)
 
+    def _append(self, path: Path, record: dict) -> bool:
+        """Append a record; a failed write (a full disk, say) is reported once and training goes on: the next
+        checkpoint write decides whether the run can continue."""
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            return True
+        except OSError as exc:
+            if path not in self.failed:
+                self.failed.add(path)
+                print(f"warning: could not append to {path}: {exc.strerror or exc}; training goes on", flush=True)
+            return False
+
     def write(self, record: dict) -> None:
         """Append one epoch's record (at the global step it ended on) and mirror its numbers to TensorBoard."""
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
+        if self.enabled and self._append(self.path, record) and self.tb is not None:
             self._tb(record, EPOCH_TAGS, record["step"])
             self.tb.flush()
 
     def write_interval(self, record: dict) -> None:
         """Append one logging interval's record to steps.jsonl and TensorBoard."""
-        if not self.enabled:
-            return
-        with open(self.steps_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
+        if self.enabled and self._append(self.steps_path, record) and self.tb is not None:
             self._tb(record, STEP_TAGS, record["step"])
             self._tb(record, {key: f"train_by_images/{key}" for key in BY_IMAGES}, record["images"])
 

@@ -34,6 +34,7 @@ from ddp_resnet.rundir import format_duration
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_NONFINITE, EXIT_STOPPED = 0, 1, 2, 65, 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+HEALTH_CHECK_S = 60  # every rank must answer the start-up health check within this (or dist.timeout_s if shorter)
 
 
 def log(env, message: str) -> None:
@@ -138,11 +139,19 @@ def plan_run(cfg: Config, launch: distributed.LaunchInfo) -> Plan:
         if rundir.holds_run(out) and not cfg.ckpt.overwrite:
             raise ConfigError(f"output_dir {out} already holds a run; use ckpt.resume=auto to continue it or "
                               f"ckpt.overwrite=true to start over")
-        return plan
+    else:
+        _plan_resume(plan)
+    if launch.rank == 0:  # the writer: a directory it cannot write fails now, in one line
+        rundir.check_writable(out)
+    return plan
+
+
+def _plan_resume(plan: Plan) -> None:
+    cfg, out, resume = plan.cfg, Path(plan.cfg.output_dir), plan.cfg.ckpt.resume
     if resume == "auto":
         found = ckpt.load_latest_valid(out / rundir.CHECKPOINTS, "cpu", warn=plan.warnings.append)
         if found is None:
-            return plan
+            return
         plan.resume_path, plan.payload = found
     else:
         try:
@@ -152,7 +161,6 @@ def plan_run(cfg: Config, launch: distributed.LaunchInfo) -> Plan:
         plan.resume_path = Path(resume)
     if plan.info is not None:
         ckpt.check_compatible(plan.payload, cfg.model.name, plan.info.num_classes, plan.resume_path)
-    return plan
 
 
 # -------------------------------------------------------------------------------------------- the run
@@ -163,7 +171,7 @@ class NonFiniteStop(RuntimeError):
 class Trainer:
     """Holds the run's modules and counters; ``fit()`` trains to the end or to a stop."""
 
-    def __init__(self, cfg: Config, info: data_mod.DataInfo, env: distributed.DistEnv, callbacks=()):
+    def __init__(self, cfg: Config, info: data_mod.DataInfo, env: distributed.DistEnv, callbacks=(), control=None):
         self.cfg, self.info, self.env = cfg, info, env
         self.callbacks = list(callbacks)
         self.out = Path(cfg.output_dir)
@@ -181,10 +189,7 @@ class Trainer:
         self.bare = build.build_network(cfg, info, env)
         self.parts = build.build_step(cfg, info, env, self.bare, self.total_steps, self.steps_per_epoch,
                                       note=lambda message: log(env, message))
-        # gloo control group for stop flags and RNG gathering (CPU tensors, no GPU sync per step)
-        self.control = None
-        if env.distributed:
-            self.control = dist.new_group(backend="gloo") if env.backend != "gloo" else dist.group.WORLD
+        self.control = control if control is not None else distributed.control_group(env)
         self.ckpt_policy = ckpt.CheckpointPolicy(self.out / rundir.CHECKPOINTS, cfg.ckpt.keep)
         self.step = 0
         self.epoch_acc = torch.zeros(3, device=env.device)
@@ -195,6 +200,16 @@ class Trainer:
         self.last_good: tuple[Path, int] | None = None  # the newest checkpoint written or resumed from, and its step
         self.eval_seconds: list[float] = []
         self.watch = monitor.NonFiniteWatch(self.parts.stepper.settings) if cfg.train.nonfinite == "stop" else None
+        self.watchdog: monitor.Watchdog | None = None  # while fit() runs
+
+    def beat(self, phase: str | None = None) -> None:
+        """Tell the watchdog the run progresses (and what it does next)."""
+        if self.watchdog is not None:
+            self.watchdog.beat(phase)
+
+    def where(self) -> str:
+        """This rank's position, for messages."""
+        return f"step {self.step} (epoch {self.step // self.steps_per_epoch + 1})"
 
     @property
     def ema(self):
@@ -279,14 +294,28 @@ class Trainer:
 
         Never after a non-finite step: the state is checked first (``train.nonfinite=stop``)."""
         self.check_finite()
+        self.beat("a checkpoint: rank 0 writes it, every rank waits for the outcome")
         payload = self.payload()
+        error, wrote_last = None, False
         if self.env.is_main:
-            self.ckpt_policy.save_last(payload)
-            if epoch_done is not None:
-                self.ckpt_policy.save_epoch(payload, epoch_done)
-            if is_best:
-                self.ckpt_policy.save_best(payload)
-        distributed.barrier(self.env)
+            try:
+                self.ckpt_policy.save_last(payload)
+                wrote_last = True
+                if epoch_done is not None:
+                    self.ckpt_policy.save_epoch(payload, epoch_done)
+                if is_best:
+                    self.ckpt_policy.save_best(payload)
+            except ckpt.CheckpointWriteError as exc:
+                if wrote_last:
+                    intact = f"last.pt of step {self.step} was written before it"
+                elif self.last_good is not None:
+                    intact = f"the previous checkpoint {self.last_good[0]} (step {self.last_good[1]}) is intact"
+                else:
+                    intact = "no earlier checkpoint exists"
+                error = f"{exc}; {intact}"
+        error = distributed.broadcast_object(error, self.env, group=self.control)  # every rank learns it at once
+        if error is not None:
+            raise ckpt.CheckpointWriteError(error)
         self.last_good = (self.out / rundir.CHECKPOINTS / "last.pt", self.step)
 
     # ------------------------------------------------------------------------------------------ non-finite
@@ -335,13 +364,15 @@ class Trainer:
     def _evaluate(self, epoch: int, record: dict) -> bool:
         """Evaluate (model and EMA) into ``record``; returns True when this epoch is the best so far."""
         tick = time.perf_counter()
+        self.beat("evaluation (its sums are all-reduced with every rank)")
         self._sync_buffers()
-        result = evaluate(self.bare, self.eval_loader, self.info.num_classes, self.env.device, self.cfg.train.amp)
+        result = evaluate(self.bare, self.eval_loader, self.info.num_classes, self.env.device, self.cfg.train.amp,
+                          on_batch=self.beat)
         record.update(test_loss=result["loss"], test_acc=result["top1"], test_top5=result["top5"],
                       test_count=result["count"])
         if self.ema is not None:
             ema_result = evaluate(self.ema.module, self.eval_loader, self.info.num_classes, self.env.device,
-                                  self.cfg.train.amp)
+                                  self.cfg.train.amp, on_batch=self.beat)
             record.update(test_acc_ema=ema_result["top1"], test_loss_ema=ema_result["loss"])
         self.eval_seconds.append(time.perf_counter() - tick)
         record["eval_time_s"] = self.eval_seconds[-1]
@@ -372,6 +403,7 @@ class Trainer:
 
     def _log_interval(self, meter: monitor.IntervalMeter, writer: rundir.MetricsWriter) -> None:
         """Read the interval's metrics (one host read), write its steps.jsonl / TensorBoard record, print a line."""
+        self.beat("the interval's metrics (the non-finite check gathers every rank's)")
         self.check_finite()
         values = meter.read()
         record = {"step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch,
@@ -383,6 +415,7 @@ class Trainer:
 
     def _end_epoch(self, epoch: int, writer: rundir.MetricsWriter, run_start: float) -> bool:
         """Reduce train metrics, gather the ranks' timings, evaluate, log; True when this epoch is the best."""
+        self.beat("the end of the epoch (metrics and timings are gathered from every rank)")
         self.check_finite()
         acc = distributed.all_reduce_sum(self.epoch_acc.clone())
         loss_sum, correct, count = acc.tolist()
@@ -423,6 +456,7 @@ class Trainer:
         """Train until the schedule ends, ``run_steps`` is reached, a stop signal arrives, or training diverges."""
         stop = StopFlag()
         writer = rundir.MetricsWriter(self.out, self.env.is_main, self.step, self.steps_per_epoch)
+        self.watchdog = monitor.Watchdog(self.cfg.dist.timeout_s, self.env.rank, self.where)
         try:
             code = self._fit(stop, writer)
             stop.drain()
@@ -433,6 +467,7 @@ class Trainer:
                 print(f"error: {exc}", file=sys.stderr, flush=True)
             return EXIT_NONFINITE
         finally:
+            self.watchdog.close()
             stop.restore()
             writer.close()
 
@@ -447,10 +482,17 @@ class Trainer:
     def _train_step(self, batches, meter: monitor.IntervalMeter, profiler: monitor.ProfilerWindow) -> None:
         """Fetch one step's micro-batches, run the step, account for it (no host synchronization)."""
         profiler.before_step(self.step)
+        self.beat("the data loader (the next batch)")
         tick = time.perf_counter()
         micro = [next(batches) for _ in range(self.accum)]
         waited = time.perf_counter() - tick
+        self.beat("the training step (its DDP gradient all-reduce waits for every rank)")
+        compiling = self.parts.compiled == "on" and self.parts.calls == 0
+        if compiling:  # torch.compile's first step may take minutes without a collective to wait in
+            self.watchdog.pause()
         stats = self.parts(micro, self.step)
+        if compiling:
+            self.watchdog.pause(False)
         self.epoch_acc += stats[:3]
         meter.add(stats, waited)
         self.epoch_data_wait += waited
@@ -487,6 +529,7 @@ class Trainer:
                 self._train_step(batches, meter, profiler)
                 if self.step % cfg.train.log_every == 0:
                     self._log_interval(meter, writer)
+                self.beat("the stop-signal agreement (a gloo all-reduce with every rank)")
                 stopping = stop.agreed(env, self.control)
                 if self.step == epoch_end:
                     break
@@ -517,6 +560,13 @@ class Trainer:
 def run(plan: Plan, env: distributed.DistEnv, callbacks=()) -> int:
     """Index the data (once, for ImageFolder), build this rank's trainer, restore a planned checkpoint, train."""
     cfg = plan.cfg
+    control = distributed.control_group(env)
+    tick = time.perf_counter()
+    ranks = distributed.check_ranks(env, control, config_mod.to_dict(cfg), ckpt.versions(),
+                                    min(HEALTH_CHECK_S, cfg.dist.timeout_s))
+    if env.distributed:
+        log(env, f"{env.world_size} ranks ({env.launcher}, {env.backend}), start-up health check passed in "
+                 f"{time.perf_counter() - tick:.2f} s:\n{distributed.format_ranks(ranks)}")
     info = plan.info
     if info is None:
         info = data_mod.describe(cfg.data, share=lambda fn: distributed.share_from_rank0(fn, env))
@@ -527,7 +577,7 @@ def run(plan: Plan, env: distributed.DistEnv, callbacks=()) -> int:
         rundir.write_config(cfg)
     for warning in plan.warnings:
         log(env, warning)
-    trainer = Trainer(cfg, info, env, callbacks)
+    trainer = Trainer(cfg, info, env, callbacks, control)
     data = cfg.data.dataset
     if data == "imagefolder":
         from ddp_resnet.data.device_decode import default_backend
