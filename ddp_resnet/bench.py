@@ -241,7 +241,8 @@ def make_batches(cfg: Config, info, env, loader_mode: str):
     if loader_mode == "fixed":
         return FixedBatches(cfg, info, env, micro, accum)
     loader = data_mod.build_train_loader(cfg.data, info, env.rank, env.world_size, env.device, cfg.train.seed,
-                                         micro_batch=micro, channels_last=cfg.train.channels_last)
+                                         micro_batch=micro, channels_last=cfg.train.channels_last,
+                                         total_epochs=build.run_length(cfg, info, env.world_size)[1])
     return LoaderBatches(loader, accum)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import inspect
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,7 +71,8 @@ def place(model: nn.Module, cfg: Config, device: torch.device, distributed: bool
 def _bare_network(cfg: Config, info) -> nn.Module:
     try:
         return build_model(cfg.model.name, num_classes=info.num_classes, stem=resolve_stem(cfg, info),
-                           zero_init_residual=cfg.model.zero_init_residual)
+                           zero_init_residual=cfg.model.zero_init_residual, blurpool=cfg.model.blurpool,
+                           head_dropout=cfg.model.head_dropout)
     except ValueError as exc:  # e.g. a CIFAR-only net with the ImageNet stem
         raise ConfigError(f"model: {exc}") from None
 
@@ -162,6 +164,36 @@ class Step:
         self.compiled = "fallback"
 
 
+def steps_per_epoch(cfg: Config, info, world_size: int) -> int:
+    """Optimizer steps per epoch: each rank's whole micro-batches of its shard, grouped by accumulation (what
+    every training loader yields)."""
+    return info.train_size // world_size // micro_batch(cfg, world_size) // cfg.optim.accum_steps
+
+
+def run_length(cfg: Config, info, world_size: int) -> tuple[int, int]:
+    """``(total optimizer steps, total epochs)`` of the run: ``train.max_steps`` or ``train.epochs``."""
+    per_epoch = max(steps_per_epoch(cfg, info, world_size), 1)
+    total = cfg.train.max_steps or cfg.train.epochs * per_epoch
+    return total, math.ceil(total / per_epoch)
+
+
+def compile_options(cfg: Config, total_epochs: int) -> dict:
+    """``torch.compile`` keyword arguments. With progressive resizing, ``dynamic=False``: each of the schedule's few
+    training sides is compiled once as its own static specialization (no dynamic-shape graph); dynamo's recompile
+    limit is raised to cover them (evaluation runs the uncompiled module, at its own side)."""
+    from ddp_resnet.data.loaders import train_schedule
+
+    schedule = train_schedule(cfg.data, total_epochs)
+    if schedule is None or len(schedule.sizes()) < 2:
+        return {}
+    import torch._dynamo
+
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    needed = len(schedule.sizes()) + 1  # one specialization per side, and a spare
+    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), needed))
+    return {"dynamic": False}
+
+
 def build_step(cfg: Config, info, env, bare: nn.Module, total_steps: int, steps_per_epoch: int,
                note: Callable[[str], None] = print) -> Step:
     """Optimizer, scheduler, scaler, EMA, DDP, torch.compile and the Stepper around ``bare``."""
@@ -174,7 +206,7 @@ def build_step(cfg: Config, info, env, bare: nn.Module, total_steps: int, steps_
     compiled = "off"
     if cfg.train.compile:
         try:
-            model = torch.compile(model)
+            model = torch.compile(model, **compile_options(cfg, math.ceil(total_steps / max(steps_per_epoch, 1))))
             compiled = "on"
         except Exception as exc:  # noqa: BLE001 - any compile failure means: run eagerly
             note(f"note: torch.compile failed ({_first_line(exc)}); falling back to eager")

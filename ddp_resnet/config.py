@@ -52,6 +52,9 @@ class ModelConfig:
     name: str = "resnet18"  # any name from ddp_resnet.models.list_models()
     stem: Literal["auto", "cifar", "imagenet"] = "auto"  # auto: cifar for inputs up to 64 px, imagenet otherwise
     zero_init_residual: bool = False  # last BN gamma of each residual block starts at 0
+    blurpool: bool = False  # anti-aliased downsampling (Zhang 2019, as FFCV applies it): a fixed 3x3 binomial blur
+    #   before every strided convolution with >= 16 input channels; no parameters, state_dict keys unchanged
+    head_dropout: float = 0.0  # dropout probability before the classifier fc (state_dict keys unchanged); 0 = off
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,24 @@ class DataConfig:
     augment: Literal["auto", "none", "flip", "crop_flip", "rrc_flip"] = "auto"  # auto: crop_flip for in-memory data
     #   (cifar, synthetic), rrc_flip (random resized crop + flip) for imagefolder
     crop_padding: int = 4  # crop_flip: pixels of zero padding before the random crop
+    auto_augment: Literal["none", "trivialaugment", "randaugment", "autoaugment"] = "none"  # torchvision v2 policy
+    #   after crop/flip, in the DataLoader workers (TrivialAugmentWide, RandAugment, AutoAugment; bilinear)
+    randaugment_ops: int = 2  # randaugment: operations per image (num_ops)
+    randaugment_magnitude: int = 9  # randaugment: magnitude, 0..30
+    autoaugment_policy: Literal["imagenet", "cifar10", "svhn"] = "imagenet"  # autoaugment: which learned policy
+    random_erasing: float = 0.0  # probability of torchvision's RandomErasing (mean-colour fill), the last step; 0 = off
+    cutout: int = 0  # side in px of a mean-coloured square at a uniform centre (DeVries & Taylor 2017: 16); 0 = off
+    color_jitter: float = 0.0  # brightness, contrast, saturation factors uniform in [1-s, 1+s], in that order; 0 = off
+    rotate_degrees: float = 0.0  # random rotation uniform in [-d, d] degrees (DataLoader path); 0 = off
+    scale_jitter: float = 0.0  # random zoom uniform in [1-s, 1+s] about the centre, with the rotation; 0 = off
+    repeated_aug: int = 1  # repeated augmentation: each drawn image k times per epoch, on different ranks, each with
+    #   its own augmentation; the epoch keeps its length (N/k images per epoch, all N over k epochs); 1 = off
+    res_start: int = 0  # progressive resizing: training side until the ramp; 0 = off (image_size throughout)
+    res_end: int = 0  # progressive resizing: training side after the ramp
+    res_ramp_start: float = 0.75  # the ramp starts once this fraction of the run's epochs is done (FFCV: 0.75)
+    res_ramp_end: float = 0.875  # the ramp ends once this fraction is done (FFCV: 0.875)
+    res_step: int = 32  # sizes on the ramp are rounded (half to even) to multiples of this
+    eval_size: int = 0  # evaluation side (imagefolder: the center crop); 0 = image_size
     mixup_alpha: float = 0.0  # > 0 enables mixup with Beta(alpha, alpha)
     cutmix_alpha: float = 0.0  # > 0 enables cutmix; with mixup too, one of the two is picked per batch
     synthetic_train_size: int = 2048  # synthetic: number of training images
@@ -92,13 +113,16 @@ class OptimConfig:
     weight_decay: float = 5e-4  # L2 / decoupled weight decay
     no_wd_bn_bias: bool = False  # exclude BatchNorm parameters and biases from weight decay
     lr_scale_ref_batch: int = 0  # linear scaling rule: lr *= batch_size / this; 0 = off
-    schedule: Literal["cosine", "multistep", "onecycle", "constant"] = "cosine"  # stepped per iteration
+    schedule: Literal["cosine", "multistep", "onecycle", "constant", "linear", "cyclic"] = "cosine"  # stepped per
+    #   iteration; linear: from the peak straight down to min_lr at the end; cyclic: triangles min_lr -> peak -> min_lr
     warmup_epochs: float = 0.0  # linear warmup length in epochs (fractions allowed)
     warmup_start_factor: float = 0.1  # warmup starts at lr * this
     milestones: tuple = ()  # multistep: decay points, in units of `milestones_unit`
     milestones_unit: Literal["epoch", "step"] = "epoch"
     gamma: float = 0.1  # multistep: factor applied at each milestone
-    min_lr: float = 0.0  # cosine: final learning rate
+    min_lr: float = 0.0  # cosine, linear: final learning rate; cyclic: the bottom of each triangle
+    cycle_period: float = 10.0  # cyclic: length of one triangle, in units of `cycle_unit`
+    cycle_unit: Literal["epoch", "step"] = "epoch"  # cyclic: what cycle_period counts
     clip_grad_norm: float = 0.0  # > 0 clips the global gradient norm (after unscaling)
     accum_steps: int = 1  # gradient accumulation micro-steps per optimizer step
     ema_decay: float = 0.0  # > 0 keeps an exponential moving average of the weights (evaluated too)
@@ -378,6 +402,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                           f"not {d.dataset}; use workers")
     if d.synthetic_classes < 2:
         raise ConfigError(f"data.synthetic_classes: need at least 2 classes, got {d.synthetic_classes}")
+    _validate_augment(d)
+    _validate_resolution(d, t)
+    if not 0 <= cfg.model.head_dropout < 1:
+        raise ConfigError(f"model.head_dropout: must be in [0, 1), got {cfg.model.head_dropout}")
+    _positive("optim.cycle_period", o.cycle_period)
     _positive("optim.lr", o.lr)
     _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
     _positive("optim.momentum", o.momentum, allow_zero=True)
@@ -418,6 +447,45 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError("train.amp: fp16 needs CUDA; valid choices on CPU: none, bf16")
     if world_size is not None:
         validate_world(cfg, world_size)
+
+
+def _in_range(key: str, value: float, low: float, high: float, closed: bool = True) -> None:
+    if not (low <= value <= high if closed else low <= value < high):
+        raise ConfigError(f"{key}: must be in [{low}, {high}{']' if closed else ')'}, got {value}")
+
+
+def _validate_augment(d: DataConfig) -> None:
+    """The augmentation keys of the data section."""
+    _in_range("data.randaugment_ops", d.randaugment_ops, 0, 16)
+    _in_range("data.randaugment_magnitude", d.randaugment_magnitude, 0, 30)
+    _in_range("data.random_erasing", d.random_erasing, 0, 1)
+    _positive("data.cutout", d.cutout, allow_zero=True)
+    _in_range("data.color_jitter", d.color_jitter, 0, 1)
+    _in_range("data.rotate_degrees", d.rotate_degrees, 0, 180)
+    _in_range("data.scale_jitter", d.scale_jitter, 0, 1, closed=False)
+    _positive("data.repeated_aug", d.repeated_aug)
+    _positive("data.eval_size", d.eval_size, allow_zero=True)
+    if d.decode == "device" and (d.auto_augment != "none" or d.random_erasing or d.cutout or d.color_jitter
+                                 or d.rotate_degrees or d.scale_jitter):
+        raise ConfigError("data.decode: device decoding applies crop, flip and random-resized crop only; for "
+                          "data.auto_augment, random_erasing, cutout, color_jitter, rotate_degrees or scale_jitter "
+                          "use data.decode=workers")
+
+
+def _validate_resolution(d: DataConfig, t: TrainConfig) -> None:
+    """Progressive resizing keys; binds the run length (epochs, max_steps) the loaders' schedules refer to."""
+    _positive("data.res_step", d.res_step)
+    if bool(d.res_start) != bool(d.res_end) or min(d.res_start, d.res_end) < 0:
+        raise ConfigError(f"data.res_start, data.res_end: set both (> 0) for progressive resizing, or neither; "
+                          f"got {d.res_start}, {d.res_end}")
+    for key in ("res_start", "res_end"):
+        if getattr(d, key) % d.res_step:
+            raise ConfigError(f"data.{key}: must be a multiple of data.res_step={d.res_step}, got {getattr(d, key)}")
+    _in_range("data.res_ramp_start", d.res_ramp_start, 0, 1)
+    _in_range("data.res_ramp_end", d.res_ramp_end, d.res_ramp_start, 1)
+    if d.res_start and d.dataset != "imagefolder" and d.augment != "rrc_flip":
+        raise ConfigError(f"data.res_start: progressive resizing of in-memory data ({d.dataset}) needs "
+                          f"data.augment=rrc_flip, got {d.augment}")
 
 
 def validate_world(cfg: Config, world_size: int) -> None:

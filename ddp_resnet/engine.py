@@ -197,17 +197,9 @@ def evaluate(model: nn.Module, loader, num_classes: int, device: torch.device, a
     sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss_sum, top1, topk, count
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.int64)
     for images, labels in loader:
-        with autocast(device, amp):
-            logits = model(images).float()
-            if tta_flip:  # average the probabilities of the image and its mirror
-                probs = (logits.softmax(1) + model(images.flip(3)).float().softmax(1)) / 2
-                logits = probs.clamp_min(1e-12).log()
-        loss = F.nll_loss(logits, labels, reduction="sum") if tta_flip else F.cross_entropy(
-            logits, labels, reduction="sum")
-        topk = logits.topk(k, dim=1).indices
-        pred = topk[:, 0]
-        sums[:3] += torch.stack([loss.double(), (pred == labels).sum().double(),
-                                 (topk == labels[:, None]).any(1).sum().double()])
+        scores, _ = _member_probs(model, images, device, amp, tta_flip)
+        batch_sums, pred = _batch_sums(scores, labels, k, log_probs=tta_flip)
+        sums[:3] += batch_sums
         sums[3] += labels.shape[0]  # a host number: no host-to-device copy per batch
         confusion += torch.bincount(labels * num_classes + pred, minlength=num_classes * num_classes)
         if on_batch is not None:
@@ -215,9 +207,68 @@ def evaluate(model: nn.Module, loader, num_classes: int, device: torch.device, a
     distributed.all_reduce_sum(sums)
     distributed.all_reduce_sum(confusion)
     model.train(was_training)
+    return _results(sums, confusion, num_classes)
+
+
+def _batch_sums(logits: torch.Tensor, labels: torch.Tensor, k: int,
+                log_probs: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss sum, top-1 hits, top-k hits) of one batch and its predictions, as ``evaluate`` counts them."""
+    loss = F.nll_loss(logits, labels, reduction="sum") if log_probs else F.cross_entropy(logits, labels,
+                                                                                          reduction="sum")
+    topk = logits.topk(k, dim=1).indices
+    return torch.stack([loss.double(), (topk[:, 0] == labels).sum().double(),
+                        (topk == labels[:, None]).any(1).sum().double()]), topk[:, 0]
+
+
+def _member_probs(model: nn.Module, images: torch.Tensor, device: torch.device, amp: str,
+                  tta_flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One model's ``(scores, probabilities)`` for a batch: scores are what ``evaluate`` ranks and scores (logits,
+    or with ``tta_flip`` the log of the image's and its mirror's averaged probabilities)."""
+    with autocast(device, amp):
+        logits = model(images).float()
+        if tta_flip:
+            probs = (logits.softmax(1) + model(images.flip(3)).float().softmax(1)) / 2
+            return probs.clamp_min(1e-12).log(), probs
+    return logits, logits.softmax(1)
+
+
+def _results(sums: torch.Tensor, confusion: torch.Tensor, num_classes: int) -> dict:
+    """``evaluate``'s result dictionary from all-reduced sums and a confusion matrix."""
     loss_sum, top1, topk_hits, count = sums.tolist()
     count = max(count, 1.0)
     matrix = confusion.view(num_classes, num_classes).cpu()
     per_class = (matrix.diag().double() / matrix.sum(1).clamp(min=1).double() * 100).tolist()
     return {"loss": loss_sum / count, "top1": 100 * top1 / count, "top5": 100 * topk_hits / count,
             "count": int(sums[3].item()), "confusion": matrix.tolist(), "per_class_acc": per_class}
+
+
+@torch.no_grad()
+def evaluate_ensemble(models: list[nn.Module], loader, num_classes: int, device: torch.device, amp: str = "none",
+                      tta_flip: bool = False) -> tuple[list[dict], dict]:
+    """Exact evaluation of several models and of their ensemble (softmax probabilities averaged) in one pass.
+
+    Returns ``(member results, ensemble result)``, each as ``evaluate`` returns it: every member's numbers are
+    ``evaluate``'s for that model (same arithmetic); the ensemble's loss is the negative log of its averaged
+    probability of the true class. Same sharding and all-reduced sums as ``evaluate``: call on every rank.
+    """
+    states = [m.training for m in models]
+    for m in models:
+        m.eval()
+    k, n = min(5, num_classes), len(models)
+    sums = torch.zeros(n + 1, 4, device=device, dtype=torch.float64)  # per member, then the ensemble
+    confusion = torch.zeros(n + 1, num_classes * num_classes, device=device, dtype=torch.int64)
+    for images, labels in loader:
+        outputs = [_member_probs(m, images, device, amp, tta_flip) for m in models]
+        mean = torch.stack([probs for _, probs in outputs]).mean(0)
+        scores = [s for s, _ in outputs] + [mean.clamp_min(1e-12).log()]
+        for i, score in enumerate(scores):
+            batch_sums, pred = _batch_sums(score, labels, k, log_probs=tta_flip or i == n)
+            sums[i, :3] += batch_sums
+            confusion[i] += torch.bincount(labels * num_classes + pred, minlength=num_classes ** 2)
+        sums[:, 3] += labels.shape[0]
+    distributed.all_reduce_sum(sums)
+    distributed.all_reduce_sum(confusion)
+    for m, state in zip(models, states):
+        m.train(state)
+    results = [_results(sums[i], confusion[i], num_classes) for i in range(n + 1)]
+    return results[:n], results[n]

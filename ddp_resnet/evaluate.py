@@ -1,8 +1,10 @@
-"""`python -m ddp_resnet.evaluate --checkpoint CKPT [--config X.yaml] [key=value ...]`: evaluate any checkpoint.
+"""`python -m ddp_resnet.evaluate --checkpoint CKPT [CKPT ...] [--config X.yaml] [key=value ...]`: evaluate any
+checkpoint, or an ensemble of several.
 
     python -m ddp_resnet.evaluate --checkpoint runs/x/checkpoints/best.pt [data.root=DIR] [--tta flip]
         [--batch-size N] [--ema] [--device cpu|cuda|auto] [--json OUT.json]
     torchrun --nproc_per_node 8 -m ddp_resnet.evaluate --checkpoint ...      # the same numbers, sharded
+    python -m ddp_resnet.evaluate --checkpoint a.pt b.pt c.pt [--json OUT.json]   # an ensemble
 
 The evaluation is the trainer's own: ``distributed.read_env``/``init``, ``data.build_eval_loader`` (every test
 image on exactly one rank, no padding) and ``engine.evaluate`` (sums all-reduced), so top-1 of a checkpoint
@@ -15,12 +17,19 @@ then the ``key=value`` overrides, e.g. ``data.root=`` when the data moved. A pla
 
 Rank 0 prints top-1 / top-5 / loss and the per-class accuracy, and writes them with the confusion matrix to
 ``--json``. Exit codes: 0 done; 2 unusable checkpoint or configuration (one line on stderr); 1 a failure.
+
+Several checkpoints are evaluated as an ensemble (``engine.evaluate_ensemble``: softmax probabilities averaged,
+in one pass over the data, with the same sharding and all-reduced sums): each member's top-1 / top-5 / loss is
+printed beside the ensemble's (its full results), and ``--json`` holds the ensemble's results with a ``members``
+list. Each member is built from its own checkpoint's config (with ``--config`` and the overrides); the data and
+evaluation settings are the first checkpoint's, and every member must have been trained on the same dataset.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from ddp_resnet import build, distributed
@@ -28,15 +37,16 @@ from ddp_resnet import checkpoint as ckpt
 from ddp_resnet import config as config_mod
 from ddp_resnet import data as data_mod
 from ddp_resnet.config import ConfigError
-from ddp_resnet.engine import evaluate
+from ddp_resnet.engine import evaluate, evaluate_ensemble
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ddp_resnet.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="a training checkpoint (best.pt, last.pt, epoch_N.pt) "
-                                                            "or an exported weights file")
+    parser.add_argument("--checkpoint", required=True, nargs="+",
+                        help="a training checkpoint (best.pt, last.pt, epoch_N.pt) or an exported weights file; "
+                             "several: evaluate their ensemble (averaged softmax probabilities)")
     parser.add_argument("--config", help="YAML recipe merged over the checkpoint's config")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=/data/cifar")
     parser.add_argument("--tta", choices=("none", "flip"), default="none",
@@ -78,32 +88,70 @@ def format_results(result: dict, class_names: list[str], header: str) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace, launch: distributed.LaunchInfo) -> int:
-    """Load, validate, initialise, evaluate; rank 0 prints and writes."""
-    payload = ckpt.read_weights(args.checkpoint)
+@dataclass
+class Member:
+    """One checkpoint to evaluate: its file, payload, resolved config and the weights to load."""
+
+    path: str
+    payload: dict
+    cfg: config_mod.Config
+    state: dict
+
+
+def load_member(path: str, args: argparse.Namespace) -> Member:
+    """Read a checkpoint, resolve its config, pick its weights (``--ema``: the averaged ones)."""
+    payload = ckpt.read_weights(path)
     cfg = resolve_config(payload, args.config, args.overrides, args.batch_size, args.device)
-    config_mod.validate_world(cfg, launch.world_size)
     state = payload["model"]
     if args.ema:
         if payload.get("ema") is None:
-            raise ckpt.CheckpointError(f"checkpoint {args.checkpoint} has no EMA weights (optim.ema_decay was 0)")
+            raise ckpt.CheckpointError(f"checkpoint {path} has no EMA weights (optim.ema_decay was 0)")
         state = payload["ema"]
+    return Member(str(path), payload, cfg, state)
+
+
+def _networks(members: list[Member], info, device) -> list:
+    """Each member's network on the device, in eval mode (a checkpoint that does not fit fails here)."""
+    return [build.network_from_weights(m.cfg, info, m.state, m.path, device) for m in members]
+
+
+def check_members(members: list[Member]) -> None:
+    """An ensemble's members must come from one dataset (the first checkpoint's data settings are used)."""
+    first = members[0]
+    for m in members[1:]:
+        if m.cfg.data.dataset != first.cfg.data.dataset:
+            raise ConfigError(f"checkpoint {m.path} was trained on {m.cfg.data.dataset}, {first.path} on "
+                              f"{first.cfg.data.dataset}: an ensemble needs one dataset")
+
+
+def run(args: argparse.Namespace, launch: distributed.LaunchInfo) -> int:
+    """Load, validate, initialise, evaluate; rank 0 prints and writes."""
+    members = [load_member(path, args) for path in args.checkpoint]
+    check_members(members)
+    cfg = members[0].cfg
+    config_mod.validate_world(cfg, launch.world_size)
     data_mod.check(cfg.data)
     device = distributed.resolve_device(cfg.train.device, launch.local_rank)
-    info = model = None
+    info = models = None
     if cfg.data.dataset != "imagefolder":  # a checkpoint that does not fit fails on every rank before the group
         info = data_mod.describe(cfg.data)
-        model = build.network_from_weights(cfg, info, state, args.checkpoint, device)
+        models = _networks(members, info, device)
     env = distributed.init(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_s, launch)
     try:
         if info is None:  # an ImageFolder tree is walked by one rank
             info = data_mod.describe(cfg.data, share=lambda fn: distributed.share_from_rank0(fn, env))
-            model = build.network_from_weights(cfg, info, state, args.checkpoint, env.device)
+            models = _networks(members, info, env.device)
         loader = data_mod.build_eval_loader(cfg.data, info, env.rank, env.world_size, env.device,
                                             channels_last=cfg.train.channels_last)
-        result = evaluate(model, loader, info.num_classes, env.device, cfg.train.amp, tta_flip=args.tta == "flip")
-        if env.is_main:
-            report(args, payload, cfg, info, env, result)
+        tta = args.tta == "flip"
+        if len(members) == 1:
+            result = evaluate(models[0], loader, info.num_classes, env.device, cfg.train.amp, tta_flip=tta)
+            if env.is_main:
+                report(args, members[0].payload, cfg, info, env, result)
+        else:
+            results, result = evaluate_ensemble(models, loader, info.num_classes, env.device, cfg.train.amp, tta)
+            if env.is_main:
+                report_ensemble(args, members, results, info, env, result)
         distributed.barrier(env)
     finally:
         if env.distributed:
@@ -111,24 +159,57 @@ def run(args: argparse.Namespace, launch: distributed.LaunchInfo) -> int:
     return EXIT_OK
 
 
+def _where(payload: dict) -> str:
+    """Where in its training run a checkpoint was written ("weights file" for an export)."""
+    if "step" in payload and payload.get("steps_per_epoch"):
+        return f"step {payload['step']}, epoch {payload['step'] / payload['steps_per_epoch']:.2f}"
+    return "weights file"
+
+
+def _context(args: argparse.Namespace, cfg: config_mod.Config, env) -> str:
+    return (f"on {cfg.data.dataset} test split | world {env.world_size} ({env.launcher}, {env.device})"
+            f"{' | tta flip' if args.tta == 'flip' else ''}")
+
+
+def _summary(result: dict) -> dict:
+    return {k: result[k] for k in ("top1", "top5", "loss", "count")}
+
+
+def _write_json(path: str, out: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(out, indent=1))
+
+
 def report(args: argparse.Namespace, payload: dict, cfg: config_mod.Config, info, env, result: dict) -> None:
     """Print the results and write them to ``--json``."""
-    where = "weights file"
-    if "step" in payload and payload.get("steps_per_epoch"):
-        where = f"step {payload['step']}, epoch {payload['step'] / payload['steps_per_epoch']:.2f}"
-    header = (f"{args.checkpoint}: {cfg.model.name} ({where}{', EMA' if args.ema else ''}) on "
-              f"{cfg.data.dataset} test split | world {env.world_size} ({env.launcher}, {env.device})"
-              f"{' | tta flip' if args.tta == 'flip' else ''}")
+    path = args.checkpoint[0]
+    header = f"{path}: {cfg.model.name} ({_where(payload)}{', EMA' if args.ema else ''}) {_context(args, cfg, env)}"
     print(format_results(result, info.class_names, header), flush=True)
     if args.json_out:
-        out = {"checkpoint": str(args.checkpoint), "model": cfg.model.name, "dataset": cfg.data.dataset,
-               "epoch": payload.get("epoch"), "step": payload.get("step"), "ema": args.ema,
-               "tta": args.tta, "world_size": env.world_size, "top1": result["top1"],
-               "top5": result["top5"], "loss": result["loss"], "count": result["count"],
-               "class_names": list(info.class_names), "per_class_acc": result["per_class_acc"],
-               "confusion": result["confusion"]}
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(out, indent=1))
+        _write_json(args.json_out, {
+            "checkpoint": str(path), "model": cfg.model.name, "dataset": cfg.data.dataset,
+            "epoch": payload.get("epoch"), "step": payload.get("step"), "ema": args.ema, "tta": args.tta,
+            "world_size": env.world_size, **_summary(result), "class_names": list(info.class_names),
+            "per_class_acc": result["per_class_acc"], "confusion": result["confusion"]})
+
+
+def report_ensemble(args: argparse.Namespace, members: list[Member], results: list[dict], info, env,
+                    result: dict) -> None:
+    """Print each member's accuracy beside the ensemble's results; write them to ``--json``."""
+    cfg = members[0].cfg
+    for i, (m, r) in enumerate(zip(members, results), 1):
+        print(f"member {i}: {m.path}: {m.cfg.model.name} ({_where(m.payload)}{', EMA' if args.ema else ''})  "
+              f"top-1 {r['top1']:.4f}%  top-5 {r['top5']:.4f}%  loss {r['loss']:.6f}", flush=True)
+    header = f"ensemble of {len(members)} (averaged softmax probabilities) {_context(args, cfg, env)}"
+    print(format_results(result, info.class_names, header), flush=True)
+    if args.json_out:
+        _write_json(args.json_out, {
+            "checkpoint": [m.path for m in members], "ensemble": True, "dataset": cfg.data.dataset,
+            "ema": args.ema, "tta": args.tta, "world_size": env.world_size, **_summary(result),
+            "members": [{"checkpoint": m.path, "model": m.cfg.model.name, "epoch": m.payload.get("epoch"),
+                         "step": m.payload.get("step"), **_summary(r)} for m, r in zip(members, results)],
+            "class_names": list(info.class_names), "per_class_acc": result["per_class_acc"],
+            "confusion": result["confusion"]})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,11 +67,26 @@ def lr_factor(step: int, ocfg: OptimConfig, total_steps: int, steps_per_epoch: i
         scale = steps_per_epoch if ocfg.milestones_unit == "epoch" else 1
         passed = sum(1 for m in ocfg.milestones if step >= round(m * scale))
         return ocfg.gamma ** passed
-    # cosine and one-cycle anneal from the peak down to min_lr (one-cycle: after its 30% ramp)
+    floor = ocfg.min_lr / ocfg.lr if ocfg.lr else 0.0
+    if ocfg.schedule == "cyclic":
+        return floor + (1 - floor) * triangle(step - warmup, cycle_steps(ocfg, steps_per_epoch))
+    # cosine, linear and one-cycle anneal from the peak down to min_lr (one-cycle: after its 30% ramp)
     span = max(1, total_steps - warmup)
     progress = min(1.0, (step - warmup) / span)
-    floor = ocfg.min_lr / ocfg.lr if ocfg.lr else 0.0
+    if ocfg.schedule == "linear":
+        return floor + (1 - floor) * (1 - progress)
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def cycle_steps(ocfg: OptimConfig, steps_per_epoch: int) -> float:
+    """The cyclic schedule's period in optimizer steps (``optim.cycle_period`` in ``optim.cycle_unit``)."""
+    return ocfg.cycle_period * (steps_per_epoch if ocfg.cycle_unit == "epoch" else 1)
+
+
+def triangle(step: int, period: float) -> float:
+    """Smith's triangular cycle (2017) in [0, 1]: 0 at the start of each period, 1 halfway, 0 again at its end."""
+    phase = (step % period) / period
+    return 1.0 - abs(2.0 * phase - 1.0)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, ocfg: OptimConfig, total_steps: int,

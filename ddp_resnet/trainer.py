@@ -178,14 +178,17 @@ class Trainer:
         build.seed_everything(cfg.train.seed, env.rank)
         build.apply_torch_flags(cfg)
         self.accum = cfg.optim.accum_steps
+        self.steps_per_epoch = build.steps_per_epoch(cfg, info, env.world_size)
+        self.total_steps, self.total_epochs = build.run_length(cfg, info, env.world_size)
         self.train_loader = data_mod.build_train_loader(
             cfg.data, info, env.rank, env.world_size, env.device, cfg.train.seed,
-            micro_batch=build.micro_batch(cfg, env.world_size), channels_last=cfg.train.channels_last)
+            micro_batch=build.micro_batch(cfg, env.world_size), channels_last=cfg.train.channels_last,
+            total_epochs=self.total_epochs)
+        if len(self.train_loader) // self.accum != self.steps_per_epoch:  # the loaders' contract, checked once
+            raise RuntimeError(f"the training loader yields {len(self.train_loader)} batches per epoch, not "
+                               f"{self.steps_per_epoch} x {self.accum}")
         self.eval_loader = data_mod.build_eval_loader(cfg.data, info, env.rank, env.world_size, env.device,
                                                       channels_last=cfg.train.channels_last)
-        self.steps_per_epoch = len(self.train_loader) // self.accum
-        self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
-        self.total_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.bare = build.build_network(cfg, info, env)
         self.parts = build.build_step(cfg, info, env, self.bare, self.total_steps, self.steps_per_epoch,
                                       note=lambda message: log(env, message))

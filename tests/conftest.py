@@ -66,6 +66,19 @@ def weights(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
+def epoch_batches(loader, epoch: int, start: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every batch of one epoch of a training loader, from batch ``start``."""
+    loader.set_epoch(epoch, start)
+    return list(loader)
+
+
+def assert_same_batches(a, b) -> None:
+    """Two lists of (images, labels) batches identical, bit for bit."""
+    assert len(a) == len(b)
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
 def assert_bitwise_equal(a: dict, b: dict) -> None:
     """Every tensor of two state_dicts identical, bit for bit."""
     assert a.keys() == b.keys()

@@ -28,6 +28,54 @@ def test_recipes_match_the_published_settings():
     assert (r50.train.epochs, r50.optim.milestones, r50.data.batch_size) == (90, (30.0, 60.0), 256)
 
 
+def test_todays_imagenet_recipes_carry_their_published_settings():
+    tv = config.load(REPO / "configs/imagenet_resnet50_torchvision_v2.yaml")
+    d, o, t = tv.data, tv.optim, tv.train
+    assert (t.epochs, d.batch_size, o.lr, o.warmup_epochs, o.warmup_start_factor, o.schedule, o.weight_decay,
+            o.no_wd_bn_bias) == (600, 1024, 0.5, 5, 0.01, "cosine", 2e-5, True)
+    assert (t.label_smoothing, d.mixup_alpha, d.cutmix_alpha, d.auto_augment, d.random_erasing, d.repeated_aug) == (
+        0.1, 0.2, 1.0, "trivialaugment", 0.1, 4)
+    assert (d.image_size, d.eval_resize, d.eval_size, o.ema_decay > 0) == (176, 232, 224, True)
+    fast = config.load(REPO / "configs/imagenet_resnet50_fast.yaml", ["train.epochs=88"])
+    d, o = fast.data, fast.optim
+    assert (fast.model.blurpool, d.res_start, d.res_end, d.res_ramp_start, d.res_ramp_end, d.eval_size) == (
+        True, 160, 192, 0.75, 0.875, 224)
+    assert (o.schedule, o.warmup_epochs, o.no_wd_bn_bias, fast.train.label_smoothing) == ("linear", 2, True, 0.1)
+    from ddp_resnet.data.loaders import train_schedule
+
+    for epochs in (16, 88):  # the resolution schedule follows the run's length
+        schedule = train_schedule(d, epochs)
+        assert (schedule.size(0), schedule.size(epochs - 1)) == (160, 192)
+    fast_anchors = ["73.8% (14.9 min)", "75.6% (21.7 min)", "78.4% (77.2 min)"]
+    for path, anchors in (("imagenet_resnet50_torchvision_v2.yaml", ["80.86%"]),
+                          ("imagenet_resnet50_fast.yaml", fast_anchors)):
+        header = [line for line in (REPO / "configs" / path).read_text().splitlines() if line.startswith("#")]
+        assert all(a in " ".join(header[:3]) for a in anchors) and "not measured here" in " ".join(header[:3])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.auto_augment=autoaugmentx", "data.auto_augment: unknown value 'autoaugmentx'; valid choices: none, "
+                                       "trivialaugment, randaugment, autoaugment"),
+    ("data.random_erasing=1.5", "data.random_erasing: must be in [0, 1]"),
+    ("data.color_jitter=-0.1", "data.color_jitter: must be in [0, 1]"),
+    ("data.repeated_aug=0", "data.repeated_aug: must be > 0"),
+    ("data.res_start=160", "data.res_start, data.res_end: set both"),
+    ("data.res_ramp_start=0.9", "data.res_ramp_end: must be in [0.9, 1]"),
+    ("model.head_dropout=1", "model.head_dropout: must be in [0, 1)"),
+    ("optim.schedule=triangle", "optim.schedule: unknown value 'triangle'; valid choices: cosine, multistep, "
+                                "onecycle, constant, linear, cyclic"),
+    ("optim.cycle_unit=hour", "optim.cycle_unit: unknown value 'hour'; valid choices: epoch, step"),
+])
+def test_new_keys_fail_in_one_line_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as info:
+        config.load(None, [override])
+    assert message in str(info.value) and "\n" not in str(info.value)
+    device = config.load(None, ["data.dataset=imagefolder", "data.decode=workers", "data.cutout=8"])
+    assert device.data.cutout == 8
+    with pytest.raises(ConfigError, match="data.decode: device decoding applies crop, flip and random-resized crop"):
+        config.load(None, ["data.dataset=imagefolder", "data.decode=device", "data.cutout=8"])
+
+
 def test_dotted_overrides_are_typed():
     cfg = config.load(None, ["optim.lr=0.2", "train.epochs=5", "train.sync_bn=true", "optim.milestones=[1, 2]",
                              "finetune.stage_lr={layer4: 1.0e-4, fc: 1.0e-3}"])

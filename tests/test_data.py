@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import assert_same_batches, epoch_batches
 from ddp_resnet.config import ConfigError, DataConfig
 from ddp_resnet.data import (
     CIFAR10_MEAN,
@@ -75,17 +76,6 @@ def _index_of(cfg: DataConfig, info: DataInfo) -> dict[bytes, int]:
 def _ids(batch: torch.Tensor, info: DataInfo, table: dict[bytes, int]) -> list[int]:
     raw = _decode(batch, info)
     return [table[raw[i].contiguous().numpy().tobytes()] for i in range(raw.shape[0])]
-
-
-def _epoch(loader, epoch: int, start: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    loader.set_epoch(epoch, start)
-    return list(loader)
-
-
-def _assert_same(a, b) -> None:
-    assert len(a) == len(b)
-    for (xa, ya), (xb, yb) in zip(a, b):
-        assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
 def _write_cifar(root: Path, name: str = "cifar10", per_batch: int = 6, n_test: int = 7, seed: int = 0) -> dict:
@@ -239,14 +229,14 @@ def test_rank_shards_partition_each_epoch_and_match_single_process(mode, world):
     assert len({len(loader) for loader in ranks}) == 1 and len(ranks[0]) == len(single) == 96 // (micro * world)
     orders = []
     for epoch in (0, 1):
-        per_rank = [[(_ids(x, info, table), y) for x, y in _epoch(loader, epoch)] for loader in ranks]
+        per_rank = [[(_ids(x, info, table), y) for x, y in epoch_batches(loader, epoch)] for loader in ranks]
         order = [i for batches in per_rank for ids, _ in batches for i in ids]
         assert sorted(order) == list(range(96))  # 96 is a multiple of every global batch: full cover, no overlap
         _, all_labels = loaders._tensor_split(cfg, info, train=True)
         for batches in per_rank:
             for ids, labels in batches:
                 assert labels.tolist() == all_labels[ids].tolist()
-        for i, (x, _) in enumerate(_epoch(single, epoch)):
+        for i, (x, _) in enumerate(epoch_batches(single, epoch)):
             union = {j for r in range(world) for j in per_rank[r][i][0]}
             assert union == set(_ids(x, info, table))
         orders.append([ids for ids, _ in per_rank[0]])
@@ -283,18 +273,18 @@ def test_resume_mid_epoch_is_exact_and_independent_of_workers():
         c = dataclasses.replace(cfg, loader=mode, workers=workers)
         loader = build_train_loader(c, info, 1, 2, CPU, seed=7)
         assert isinstance(loader, GPUTrainLoader if mode == "gpu" else DataLoaderTrainLoader)
-        full = _epoch(loader, 2)
+        full = epoch_batches(loader, 2)
         assert len(full) == len(loader) == 12
         for k in (0, 5, 11, 12):
-            _assert_same(_epoch(loader, 2, k), full[k:])
-        _assert_same(list(loader), _epoch(loader, 2))  # start_batch applies to one iteration only
+            assert_same_batches(epoch_batches(loader, 2, k), full[k:])
+        assert_same_batches(list(loader), epoch_batches(loader, 2))  # start_batch applies to one iteration only
         runs[name] = full
-        runs[name + "_e3"] = _epoch(loader, 3)
+        runs[name + "_e3"] = epoch_batches(loader, 3)
         fresh = build_train_loader(c, info, 1, 2, CPU, seed=7)  # a resumed run's very first iteration
-        _assert_same(_epoch(fresh, 2, 5), full[5:])
-    _assert_same(runs["dl0"], runs["dl2"])
-    _assert_same(runs["gpu"], runs["dl0"])  # both paths yield bit-identical batches
-    _assert_same(runs["gpu_e3"], runs["dl2_e3"])
+        assert_same_batches(epoch_batches(fresh, 2, 5), full[5:])
+    assert_same_batches(runs["dl0"], runs["dl2"])
+    assert_same_batches(runs["gpu"], runs["dl0"])  # both paths yield bit-identical batches
+    assert_same_batches(runs["gpu_e3"], runs["dl2_e3"])
     assert not torch.equal(runs["gpu"][0][0], runs["gpu_e3"][0][0])
 
 
@@ -313,11 +303,11 @@ def test_channels_last_and_micro_batch():
     big = dataclasses.replace(cfg, image_size=12)
     info = describe(big)
     outs = [
-        _epoch(build_train_loader(dataclasses.replace(big, loader=m), info, 0, 1, CPU, 0), 0)
+        epoch_batches(build_train_loader(dataclasses.replace(big, loader=m), info, 0, 1, CPU, 0), 0)
         for m in ("gpu", "dataloader")
     ]
     assert outs[0][0][0].shape == (16, 3, 12, 12)
-    _assert_same(outs[0], outs[1])
+    assert_same_batches(outs[0], outs[1])
     assert next(iter(build_eval_loader(big, info, 0, 1, CPU)))[0].shape[1:] == (3, 12, 12)
 
 
@@ -422,7 +412,7 @@ def test_start_batch_skips_without_loading(monkeypatch):
 
     monkeypatch.setattr(loaders._TensorTrainDataset, "__getitem__", counting)
     loader = build_train_loader(cfg, info, 0, 2, CPU, seed=0)
-    assert len(_epoch(loader, 4, 9)) == 3 and len(loads) == 3 * 4
+    assert len(epoch_batches(loader, 4, 9)) == 3 and len(loads) == 3 * 4
     assert {epoch for _, epoch in loads} == {4}
 
 
@@ -438,10 +428,10 @@ def test_imagefolder_describe_train_eval(tmp_path, augment):
     assert describe(DataConfig(dataset="imagefolder", root=str(tmp_path))).image_size == 224
     loader = build_train_loader(cfg, info, 0, 2, CPU, seed=0)
     assert len(loader) == 2
-    full = _epoch(loader, 1)
+    full = epoch_batches(loader, 1)
     assert full[0][0].shape == (2, 3, 16, 16) and full[0][1].dtype == torch.int64
-    _assert_same(_epoch(loader, 1, 1), full[1:])
-    _assert_same(_epoch(loader, 1), full)
+    assert_same_batches(epoch_batches(loader, 1, 1), full[1:])
+    assert_same_batches(epoch_batches(loader, 1), full)
     counts = []
     for rank in range(2):
         ev = build_eval_loader(cfg, info, rank, 2, CPU)

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from ddp_resnet import config
-from ddp_resnet.engine import Stepper, StepSettings, evaluate
+from ddp_resnet.engine import Stepper, StepSettings, evaluate, evaluate_ensemble
 from ddp_resnet.optim import ModelEma, build_optimizer, build_scheduler, lr_factor, param_groups
 
 
@@ -100,3 +101,63 @@ def test_evaluate_counts_every_sample_and_builds_the_confusion_matrix():
     labels = torch.cat([y for _, y in batches])
     assert result["top1"] == pytest.approx(100 * (preds == labels).float().mean().item())
     assert result["top5"] == 100.0  # 5 classes: top-5 always hits
+
+
+def test_linear_schedule_is_ffcvs_ramp_up_and_down():
+    ocfg = config.load(None, ["optim.schedule=linear", "optim.warmup_epochs=2", "optim.warmup_start_factor=1e-4"]).optim
+    epochs, per_epoch = 8, 10
+    for step in range(epochs * per_epoch + 1):  # FFCV: np.interp(epoch, [0, lr_peak_epoch, epochs], [1e-4, 1, 0])
+        expected = np.interp(step / per_epoch, [0, 2, epochs], [1e-4, 1, 0])
+        assert lr_factor(step, ocfg, epochs * per_epoch, per_epoch) == pytest.approx(expected, abs=1e-12)
+
+
+def test_cyclic_schedule_is_triangular_in_steps_or_epochs():
+    steps = config.load(None, ["optim.schedule=cyclic", "optim.cycle_period=4", "optim.cycle_unit=step",
+                               "optim.lr=0.1", "optim.min_lr=0.01"]).optim
+    assert [lr_factor(s, steps, 100, 10) for s in range(9)] == pytest.approx(
+        [0.1, 0.55, 1.0, 0.55, 0.1, 0.55, 1.0, 0.55, 0.1])
+    epochs = config.load(None, ["optim.schedule=cyclic", "optim.cycle_period=2", "optim.warmup_epochs=1",
+                                "optim.warmup_start_factor=0.5"]).optim
+    values = [lr_factor(s, epochs, 100, 10) for s in range(60)]
+    assert values[:10] == pytest.approx([0.5 + 0.05 * s for s in range(10)])  # warm-up, then triangles of 20 steps
+    assert values[10] == 0.0 and values[20] == 1.0 and values[30] == 0.0 and values[15] == pytest.approx(0.5)
+    assert values[10:30] == pytest.approx(values[30:50])
+    with pytest.raises(config.ConfigError, match="optim.cycle_period: must be > 0"):
+        config.load(None, ["optim.cycle_period=0"])
+
+
+def _models(count: int) -> list[nn.Module]:
+    nets = []
+    for seed in range(count):
+        torch.manual_seed(seed)
+        nets.append(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(4, 7)).eval())
+    return nets
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_ensemble_evaluation_is_each_members_and_the_averaged_probabilities(tta):
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(n, 3, 8, 8, generator=gen), torch.randint(0, 7, (n,), generator=gen)) for n in (9, 5, 8)]
+    models = _models(3)
+    cpu = torch.device("cpu")
+    members, ensemble = evaluate_ensemble(models, batches, 7, cpu, tta_flip=tta)
+    for model, result in zip(models, members):
+        assert result == evaluate(model, batches, 7, cpu, tta_flip=tta)  # exactly the single-model numbers
+    images = torch.cat([x for x, _ in batches])
+    labels = torch.cat([y for _, y in batches])
+    with torch.no_grad():
+        def probs(m):
+            p = m(images).softmax(1)
+            return (p + m(images.flip(3)).softmax(1)) / 2 if tta else p
+        mean = torch.stack([probs(m) for m in models]).mean(0)
+    hits = int((mean.argmax(1) == labels).sum())
+    top5 = int((mean.topk(5, 1).indices == labels[:, None]).any(1).sum())
+    assert ensemble["count"] == 22 and ensemble["top1"] == 100 * hits / 22 and ensemble["top5"] == 100 * top5 / 22
+    assert ensemble["loss"] == pytest.approx(-mean[torch.arange(22), labels].log().mean().item(), rel=1e-6)
+    assert sum(map(sum, ensemble["confusion"])) == 22
+    assert len({r["top1"] for r in members}) > 1  # the members differ, so the average is a real ensemble
+    only, alone = evaluate_ensemble(models[:1], batches, 7, cpu, tta_flip=tta)
+    single = evaluate(models[0], batches, 7, cpu, tta_flip=tta)
+    assert alone["top1"] == only[0]["top1"] == single["top1"] and alone["confusion"] == single["confusion"]
+    assert alone["loss"] == pytest.approx(single["loss"], rel=1e-6)

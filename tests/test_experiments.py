@@ -114,6 +114,34 @@ def test_depth_sweep_smoke_writes_the_error_vs_depth_table(tmp_path):
     assert _png_size(out / "depth_sweep.png") == plots.size_px(*analyses.DEPTH_FIGSIZE)
 
 
+def test_augment_ablation_smoke_trains_every_tip_and_tabulates_them_with_the_ensemble(tmp_path, capsys):
+    out = tmp_path / "abl"
+    assert experiments.main(["augment_ablation", "--smoke", "--out", str(out), *TINIER]) == 0
+    tips = [label for label, _ in experiments.EXPERIMENTS["augment_ablation"].points]
+    assert {"baseline", "cutout", "random_erasing", "color_jitter", "rotate_scale", "mixup", "cutmix", "autoaugment",
+            "trivialaugment", "head_dropout", "label_smoothing", "warmup", "cyclic_lr"} <= set(tips)
+    cutout = config.load(out / "cutout" / "config.yaml")
+    assert (cutout.model.name, cutout.data.cutout, cutout.optim.schedule) == ("resnet18", 16, "cosine")
+    assert config.load(out / "cyclic_lr" / "config.yaml").optim.schedule == "cyclic"
+    with open(out / "augment_ablation.csv") as f:
+        rows = {r["tip"]: r for r in csv.DictReader(f)}
+    assert set(tips) | {"ensemble of 3"} == set(rows) and float(rows["baseline"]["delta_vs_baseline"]) == 0
+    for tip in tips:
+        assert float(rows[tip]["delta_vs_baseline"]) == pytest.approx(
+            float(rows[tip]["final_test_error"]) - float(rows["baseline"]["final_test_error"]))
+    ensemble = json.loads((out / "ensemble.json").read_text())
+    assert [m["checkpoint"] for m in ensemble["members"]] == [
+        str(out / name / "checkpoints/last.pt") for name in ("baseline", "baseline_seed1", "baseline_seed2")]
+    assert float(rows["ensemble of 3"]["final_test_error"]) == pytest.approx(100 - ensemble["top1"])
+    assert "| cutout | data.cutout=16 |" in (out / "augment_ablation.md").read_text()
+    assert _png_size(out / "augment_ablation.png") == plots.size_px(*analyses.ABLATION_FIGSIZE)
+    capsys.readouterr()
+    assert experiments.main(["augment_ablation", "--slurm", "--dry-run", "--out", str(out / "s")]) == 0
+    commands = capsys.readouterr().out.splitlines()
+    assert sum(c.startswith("python -m ddp_resnet.slurm --config ") for c in commands) == len(tips)  # one job each
+    assert any("data.cutout=16 output_dir=" in c for c in commands)
+
+
 def test_gradient_flow_command_draws_per_block_norms_on_a_log_scale(tmp_path):
     out = tmp_path / "grad"
     proc = ok(subprocess.run([sys.executable, "-m", "ddp_resnet.experiments", "gradient_flow", "--smoke", "--out",

@@ -1,5 +1,9 @@
 """Data: dataset description, per-rank train/eval loaders (DataLoader or device-resident), mixup/cutmix.
 
+``augment.py`` (cutout, colour jitter, rotation/scaling, torchvision v2 policies, random erasing), ``samplers.py``
+(repeated augmentation), ``schedule.py`` (progressive resizing) and ``prepare.py`` (``python -m
+ddp_resnet.data.prepare``: a pre-resized copy of an ImageFolder tree) extend the loaders.
+
 The package is given rank and world size explicitly; it never initialises process groups, never touches the
 model and never reads environment variables.
 """

@@ -24,7 +24,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ddp_resnet.data.transforms import crop_flip, crop_flip_params_one, rrc_params, sample_rng
+from ddp_resnet.data.transforms import crop_flip, crop_flip_params_one, rrc_params, sample_rng, unpack_item
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 # One row per sample: the random-resized-crop box (top, left, height, width; the whole image otherwise), then the
@@ -63,7 +63,7 @@ def train_geometry(width: int, height: int, augment: str, padding: int, seed: in
 
 
 class EncodedFolderTrain(Dataset):
-    """Training items ``(index, epoch)`` -> ``(payload, is_jpeg, geometry, label)``.
+    """Training items ``(index, epoch[, repeat])`` -> ``(payload, is_jpeg, geometry, label)``.
 
     ``resize`` is what the decoder does before the crop-flip: ``None`` for a random-resized crop to ``size``,
     else resize the shorter side to ``size`` and center-crop (as ``_FolderTrainDataset``).
@@ -77,11 +77,11 @@ class EncodedFolderTrain(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, item: tuple[int, int]):
-        index, epoch = item
+    def __getitem__(self, item: tuple[int, ...]):
+        index, _, key = unpack_item(item)
         path, label = self.samples[index]
         payload, is_jpeg, width, height = read_encoded(path)
-        geometry = train_geometry(width, height, self.augment, self.padding, self.seed, epoch, index)
+        geometry = train_geometry(width, height, self.augment, self.padding, self.seed, key, index)
         return payload, is_jpeg, geometry, label
 
 
@@ -175,8 +175,10 @@ class DeviceDecoder:
         if self.backend not in JPEG_BACKENDS:
             raise ValueError(f"unknown JPEG backend {self.backend!r}; valid choices: {', '.join(JPEG_BACKENDS)}")
 
-    def __call__(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, batch, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's images (side ``size``, by default the dataset's) and labels on the device."""
         payloads, is_jpeg, geometry, labels = batch
         decoded = decode_all(payloads, is_jpeg, self.device, self.backend)
-        images = transform_batch(decoded, geometry, self.size, self.padding, self.resize)
+        resize = self.resize if size is None or self.resize is None else size  # training: resize to the side
+        images = transform_batch(decoded, geometry, size or self.size, self.padding, resize)
         return images, labels.to(self.device, non_blocking=True)

@@ -5,6 +5,8 @@ Per epoch there is ONE permutation, ``torch.randperm(N)`` from a CPU generator s
 takes ``perm[r::world]``. Crop offsets and flips come from ``transforms.crop_flip_params`` (a pure function of
 seed, epoch and dataset index) for the rank's whole epoch at once. Consequently this loader yields batches that
 are bit-identical to the DataLoader path for the same configuration, and a mid-epoch resume is exact.
+``data.color_jitter`` and ``data.cutout`` follow the crop/flip, batched on the device by the same functions and
+per-sample parameters the DataLoader workers use (``augment.apply_batch``), so they are bit-identical too.
 """
 
 from __future__ import annotations
@@ -13,13 +15,15 @@ from collections.abc import Iterator
 
 import torch
 
-from ddp_resnet.data.transforms import Normalizer, crop_flip, crop_flip_params
+from ddp_resnet.data.augment import apply_batch, batch_params
+from ddp_resnet.data.transforms import Normalizer, crop_flip, crop_flip_params, sample_keys
 
 
 class GPUTrainLoader:
     """Yields ``(images float32 normalized, labels int64)`` on ``images_nhwc.device``; see the module docstring.
 
-    ``augment`` is ``none``, ``flip`` or ``crop_flip``; ``padding`` is the crop_flip zero padding.
+    ``augment`` is ``none``, ``flip`` or ``crop_flip``; ``padding`` is the crop_flip zero padding; ``color_jitter``
+    (strength) and ``cutout`` (side, filled with ``fill``) follow it when > 0.
     """
 
     def __init__(
@@ -35,6 +39,9 @@ class GPUTrainLoader:
         mean: tuple[float, ...],
         std: tuple[float, ...],
         channels_last: bool = False,
+        color_jitter: float = 0.0,
+        cutout: int = 0,
+        fill: tuple[int, ...] = (0, 0, 0),
     ) -> None:
         if augment not in ("none", "flip", "crop_flip"):
             raise ValueError(f"GPUTrainLoader: unsupported augment {augment!r}")
@@ -48,6 +55,8 @@ class GPUTrainLoader:
         self.normalize = Normalizer(mean, std, channels_last)
         self.num_batches = images_nhwc.shape[0] // (batch_size * world_size)
         self.epoch, self.start_batch = 0, 0
+        self.color_jitter, self.cutout = color_jitter, cutout
+        self.fill = torch.tensor(fill, dtype=torch.uint8, device=images_nhwc.device)
 
     def __len__(self) -> int:
         return self.num_batches
@@ -66,6 +75,9 @@ class GPUTrainLoader:
         local = perm[: self.num_batches * self.batch_size * self.world_size][self.rank :: self.world_size]
         device = self.images.device
         dy, dx, flip = crop_flip_params(self.seed, epoch, local.numpy(), 2 * self.padding, flip=self.augment != "none")
+        ratios, boxes = batch_params(sample_keys(self.seed, epoch, local.numpy()), self.color_jitter, self.cutout,
+                                     self.size, self.size)
+        ratios, boxes = (None if t is None else t.to(device, non_blocking=True) for t in (ratios, boxes))
         local, dy, dx, flip = (t.to(device, non_blocking=True) for t in (local, dy, dx, flip))
         b = self.batch_size
 
@@ -77,6 +89,8 @@ class GPUTrainLoader:
                     images = self.images[index].permute(0, 3, 1, 2)
                 else:
                     images = crop_flip(self.images, index, dy[sl], dx[sl], flip[sl], self.size, self.padding)
+                images = apply_batch(images, None if ratios is None else ratios[sl],
+                                     None if boxes is None else boxes[sl], self.fill)
                 yield self.normalize(images), self.labels[index]
 
         return batches()

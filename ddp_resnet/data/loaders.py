@@ -11,7 +11,14 @@ normalized float32 images and int64 labels on the device):
   ``data.decode=device`` (ImageFolder) workers return the encoded JPEG bytes and the sample's geometry instead,
   and ``device_decode.DeviceDecoder`` decodes and transforms the batch on the device.
 * ``GPUTrainLoader`` (``gpu_loader.py``): device-resident uint8 data, batched gather-based augmentation. For
-  cifar/synthetic with augment none/flip/crop_flip it yields bit-identical batches to the DataLoader path.
+  cifar/synthetic with augment none/flip/crop_flip, and ``data.cutout`` / ``data.color_jitter``, it yields
+  bit-identical batches to the DataLoader path. What it cannot do (``augment.device_blockers``: random-resized
+  crops, auto-augment policies, random erasing, rotation/scaling, repeated augmentation, progressive resizing)
+  is refused with ``data.loader=gpu`` and sends ``data.loader=auto`` to the DataLoader path, with a one-line note.
+
+Per-epoch behaviour belongs to the loaders: ``set_epoch(epoch, start_batch)`` selects the epoch's sample order
+(``DistributedSampler``, or ``samplers.RepeatedAugSampler`` with ``data.repeated_aug > 1``, whose items carry
+the repeat index), and with progressive resizing (``schedule.py``) the epoch's training side.
 
 In both, the union over ranks of their batch ``i`` is the single-process batch ``i`` of the same global size.
 """
@@ -31,8 +38,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ddp_resnet.config import ConfigError, DataConfig
 from ddp_resnet.data import cifar, imagefolder, synthetic
+from ddp_resnet.data.augment import SampleAugment, device_blockers, mean_fill
 from ddp_resnet.data.device_decode import DeviceDecoder, EncodedFolderEval, EncodedFolderTrain, collate_encoded
 from ddp_resnet.data.gpu_loader import GPUTrainLoader
+from ddp_resnet.data.samplers import RepeatedAugSampler
+from ddp_resnet.data.schedule import ResolutionSchedule, resolution_schedule
 from ddp_resnet.data.transforms import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -49,6 +59,7 @@ from ddp_resnet.data.transforms import (
     resize_uint8,
     rrc_params,
     sample_rng,
+    unpack_item,
 )
 
 TENSOR_DATASETS = ("cifar10", "cifar100", "synthetic")
@@ -66,7 +77,8 @@ class DataInfo:
     """What the trainer needs to know about a dataset, before any loader exists.
 
     In-memory datasets (cifar, synthetic) whose native side differs from ``image_size`` are resized once
-    (bilinear, antialiased) when a loader is built; train and eval images then both have side ``image_size``.
+    (bilinear, antialiased) when a loader is built; train images then have side ``image_size`` and eval images
+    ``data.eval_size`` (default: the same). Progressive resizing changes the side of the training batches only.
     """
 
     num_classes: int
@@ -114,10 +126,10 @@ def _load_tensor_data(key: tuple) -> _TensorData:
     return _TensorData(*(torch.from_numpy(a) for a in (tx, ty, vx, vy)), names)
 
 
-@functools.lru_cache(maxsize=2)
-def _resized(key: tuple, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+@functools.lru_cache(maxsize=4)
+def _resized(key: tuple, size: int, train: bool) -> torch.Tensor:
     data = _load_tensor_data(key)
-    return resize_uint8(data.train_images, size), resize_uint8(data.test_images, size)
+    return resize_uint8(data.train_images if train else data.test_images, size)
 
 
 def _tensor_key(cfg: DataConfig) -> tuple:
@@ -133,11 +145,12 @@ def _tensor_key(cfg: DataConfig) -> tuple:
 
 
 def _tensor_split(cfg: DataConfig, info: DataInfo, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(images uint8 NHWC at info.image_size, labels)`` of one split, on the CPU."""
+    """``(images uint8 NHWC, labels)`` of one split, on the CPU: training images at ``info.image_size``, test
+    images at ``data.eval_size`` (default: the same)."""
     key = _tensor_key(cfg)
     data = _load_tensor_data(key)
-    train_images, test_images = _resized(key, info.image_size)
-    return (train_images, data.train_labels) if train else (test_images, data.test_labels)
+    size = info.image_size if train else (cfg.eval_size or info.image_size)
+    return _resized(key, size, train), data.train_labels if train else data.test_labels
 
 
 # ------------------------------------------------------------------------------------------ describe
@@ -173,6 +186,12 @@ def describe(data_cfg: DataConfig, share: Callable | None = None) -> DataInfo:
         raise ConfigError(
             f"data.augment: {augment} is not available with data.loader=gpu; valid choices: {', '.join(GPU_AUGMENTS)}"
         )
+    if cfg.loader == "gpu" and device_blockers(cfg, augment):
+        raise ConfigError(
+            f"data.loader: gpu (device-resident) cannot apply {', '.join(device_blockers(cfg, augment))}; it batches "
+            f"data.augment={'/'.join(GPU_AUGMENTS)}, data.cutout and data.color_jitter on the device (mixup and "
+            f"cutmix work with either loader); use data.loader=dataloader or auto"
+        )
     mean, std = _STATS[cfg.dataset]
     if cfg.dataset == "imagefolder":
         root = str(Path(cfg.root).resolve())
@@ -201,17 +220,35 @@ def resolve_loader(data_cfg: DataConfig, info: DataInfo, device: torch.device | 
     """``gpu`` or ``dataloader``: what ``data.loader`` (``auto`` included) means for this dataset and device."""
     if data_cfg.loader != "auto":
         return data_cfg.loader
-    gpu_ok = data_cfg.dataset in TENSOR_DATASETS and info.augment in GPU_AUGMENTS
+    gpu_ok = data_cfg.dataset in TENSOR_DATASETS and not device_blockers(data_cfg, info.augment)
     return "gpu" if gpu_ok and torch.device(device).type == "cuda" else "dataloader"
 
 
 # ------------------------------------------------------------------------------------------ datasets (workers)
-class _TensorTrainDataset(Dataset):
-    """Items ``(index, epoch)`` -> ``(uint8 C x S x S, label)`` with augmentation keyed by (seed, epoch, index)."""
+class _TrainItems(Dataset):
+    """What the training datasets share: the side of an epoch (``schedule``, else ``size``) and the augmentations
+    after crop/flip (``extra``). Items are ``(index, epoch)`` or ``(index, epoch, repeat)``."""
 
-    def __init__(self, images_nhwc: torch.Tensor, labels: torch.Tensor, augment: str, padding: int, seed: int):
+    size: int
+    schedule: ResolutionSchedule | None = None
+    extra: SampleAugment | None = None
+
+    def size_at(self, epoch: int) -> int:
+        """The training side of ``epoch``."""
+        return self.size if self.schedule is None else self.schedule.size(epoch)
+
+    def finish(self, image: torch.Tensor, key: int, index: int) -> torch.Tensor:
+        """The augmentations after crop/flip (none without ``extra``)."""
+        return image if self.extra is None else self.extra(image, key, index)
+
+
+class _TensorTrainDataset(_TrainItems):
+    """Items -> ``(uint8 C x S x S, label)`` with augmentation keyed by (seed, epoch, index)."""
+
+    def __init__(self, images_nhwc: torch.Tensor, labels: torch.Tensor, augment: str, padding: int, seed: int,
+                 extra: SampleAugment | None = None, schedule: ResolutionSchedule | None = None):
         self.images, self.labels = images_nhwc, labels
-        self.augment, self.seed = augment, seed
+        self.augment, self.seed, self.extra, self.schedule = augment, seed, extra, schedule
         self.padding = padding if augment == "crop_flip" else 0
         self.size = images_nhwc.shape[1]
         self._arrays: tuple[np.ndarray, np.ndarray] | None = None
@@ -222,54 +259,60 @@ class _TensorTrainDataset(Dataset):
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
-        index, epoch = item
+    def __getitem__(self, item: tuple[int, ...]) -> tuple[torch.Tensor, int]:
+        index, epoch, key = unpack_item(item)
         if self._arrays is None:  # numpy views: per-sample slicing without torch's per-op overhead
             self._arrays = (self.images.numpy(), self.labels.numpy())
         images, labels = self._arrays
         label = int(labels[index])
         if self.augment == "rrc_flip":
-            rng = sample_rng(self.seed, epoch, index)
+            rng = sample_rng(self.seed, key, index)
             top, left, h, w = rrc_params(self.size, self.size, rng)
+            size = self.size_at(epoch)
             image = self.images[index].permute(2, 0, 1)
-            image = TF.resized_crop(image, top, left, h, w, [self.size, self.size], antialias=True)
-            return (image.flip(-1) if rng.random() < 0.5 else image).contiguous(), label
-        if self.augment == "none":
-            return hwc_to_chw_tensor(images[index]), label
-        dy, dx, flip = crop_flip_params_one(self.seed, epoch, index, 2 * self.padding)
-        return hwc_to_chw_tensor(crop_flip_one(images[index], dy, dx, flip, self.size, self.padding)), label
+            image = TF.resized_crop(image, top, left, h, w, [size, size], antialias=True)
+            image = (image.flip(-1) if rng.random() < 0.5 else image).contiguous()
+        elif self.augment == "none":
+            image = hwc_to_chw_tensor(images[index])
+        else:
+            dy, dx, flip = crop_flip_params_one(self.seed, key, index, 2 * self.padding)
+            image = hwc_to_chw_tensor(crop_flip_one(images[index], dy, dx, flip, self.size, self.padding))
+        return self.finish(image, key, index), label
 
 
-class _FolderTrainDataset(Dataset):
-    """ImageFolder training items ``(index, epoch)`` -> ``(uint8 C x S x S, label)``.
+class _FolderTrainDataset(_TrainItems):
+    """ImageFolder training items -> ``(uint8 C x S x S, label)``.
 
     ``rrc_flip``: RandomResizedCrop(scale 0.08-1) + flip; otherwise resize the shorter side to S, center-crop S,
-    then (``flip``/``crop_flip``) the same crop/flip as for in-memory datasets.
+    then (``flip``/``crop_flip``) the same crop/flip as for in-memory datasets. S follows ``schedule`` if given.
     """
 
-    def __init__(self, samples: Sequence[tuple[str, int]], size: int, augment: str, padding: int, seed: int):
+    def __init__(self, samples: Sequence[tuple[str, int]], size: int, augment: str, padding: int, seed: int,
+                 extra: SampleAugment | None = None, schedule: ResolutionSchedule | None = None):
         self.samples, self.size, self.augment, self.seed = samples, size, augment, seed
+        self.extra, self.schedule = extra, schedule
         self.padding = padding if augment == "crop_flip" else 0
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
-        index, epoch = item
+    def __getitem__(self, item: tuple[int, ...]) -> tuple[torch.Tensor, int]:
+        index, epoch, key = unpack_item(item)
         path, label = self.samples[index]
         img = imagefolder.load_rgb(path)
+        size = self.size_at(epoch)
         if self.augment == "rrc_flip":
-            rng = sample_rng(self.seed, epoch, index)
+            rng = sample_rng(self.seed, key, index)
             top, left, h, w = rrc_params(img.width, img.height, rng)
-            img = TF.resized_crop(img, top, left, h, w, [self.size, self.size], antialias=True)
+            img = TF.resized_crop(img, top, left, h, w, [size, size], antialias=True)
             if rng.random() < 0.5:
                 img = TF.hflip(img)
-            return TF.pil_to_tensor(img), label
-        image = np.asarray(TF.center_crop(TF.resize(img, self.size, antialias=True), self.size))
+            return self.finish(TF.pil_to_tensor(img), key, index), label
+        image = np.asarray(TF.center_crop(TF.resize(img, size, antialias=True), size))
         if self.augment != "none":
-            dy, dx, flip = crop_flip_params_one(self.seed, epoch, index, 2 * self.padding)
-            image = crop_flip_one(image, dy, dx, flip, self.size, self.padding)
-        return hwc_to_chw_tensor(image), label
+            dy, dx, flip = crop_flip_params_one(self.seed, key, index, 2 * self.padding)
+            image = crop_flip_one(image, dy, dx, flip, size, self.padding)
+        return self.finish(hwc_to_chw_tensor(image), key, index), label
 
 
 class _FolderEvalDataset(Dataset):
@@ -289,14 +332,15 @@ class _FolderEvalDataset(Dataset):
 
 # ------------------------------------------------------------------------------------------ DataLoader path
 class EpochBatchSampler(Sampler):
-    """Batches a ``DistributedSampler``'s indices per rank (drop_last) as lists of ``(index, epoch)``.
+    """Batches a ``DistributedSampler``'s indices per rank (drop_last) as lists of ``(index, epoch)`` (a
+    ``RepeatedAugSampler``'s ``(index, repeat)`` pairs as ``(index, epoch, repeat)``).
 
     ``set_epoch(epoch, start_batch)`` selects the epoch and skips the first ``start_batch`` batches of
     indices (nothing is loaded for them). The owner resets the skip after creating its iterator: a
     DataLoader with workers calls ``iter()`` on this sampler more than once per iterator.
     """
 
-    def __init__(self, sampler: DistributedSampler, batch_size: int) -> None:
+    def __init__(self, sampler: DistributedSampler | RepeatedAugSampler, batch_size: int) -> None:
         self.sampler, self.batch_size = sampler, batch_size
         self.num_batches = len(sampler) // batch_size
         self.epoch, self.start_batch = 0, 0
@@ -310,14 +354,16 @@ class EpochBatchSampler(Sampler):
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         epoch, start, b = self.epoch, self.start_batch, self.batch_size
         self.sampler.set_epoch(epoch)
-        indices = list(self.sampler)
-        return iter([[(i, epoch) for i in indices[k * b : (k + 1) * b]] for k in range(start, self.num_batches)])
+        items = [(i, epoch) if isinstance(i, int) else (i[0], epoch, i[1]) for i in self.sampler]
+        return iter([items[k * b : (k + 1) * b] for k in range(start, self.num_batches)])
 
 
 def _loader_kwargs(cfg: DataConfig, device: torch.device, decoder: DeviceDecoder | None = None) -> dict:
     """DataLoader arguments; encoded batches (device decoding) are not pinned: the decoder reads them on the host."""
     pin = cfg.pin_memory and device.type == "cuda" and decoder is None
-    kwargs: dict = {"num_workers": cfg.workers, "pin_memory": pin}
+    # A private generator: iterating a DataLoader would otherwise draw its workers' base seed from torch's global
+    # generator, shifting the training step's own draws (dropout) by where a run was resumed.
+    kwargs: dict = {"num_workers": cfg.workers, "pin_memory": pin, "generator": torch.Generator().manual_seed(0)}
     if decoder is not None:
         kwargs["collate_fn"] = collate_encoded
     if cfg.workers > 0:
@@ -331,7 +377,8 @@ class _Transfer:
     def __init__(self, device: torch.device, non_blocking: bool) -> None:
         self.device, self.non_blocking = device, non_blocking
 
-    def __call__(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, batch: tuple[torch.Tensor, torch.Tensor], size: int | None = None):
+        """The batch on the device (``size`` is the decoder's; batches here already have their side)."""
         images, labels = batch
         return (images.to(self.device, non_blocking=self.non_blocking),
                 labels.to(self.device, non_blocking=self.non_blocking))
@@ -352,15 +399,20 @@ class DataLoaderTrainLoader:
         batch_size: int,
         channels_last: bool = False,
         decoder: DeviceDecoder | None = None,
+        schedule: ResolutionSchedule | None = None,
     ) -> None:
-        self.sampler = DistributedSampler(
-            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
-        )
+        if cfg.repeated_aug > 1:
+            self.sampler = RepeatedAugSampler(len(dataset), world_size, rank, cfg.repeated_aug, seed)
+        else:
+            self.sampler = DistributedSampler(
+                dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
+            )
         self.batch_sampler = EpochBatchSampler(self.sampler, batch_size)
         kwargs = _loader_kwargs(cfg, device, decoder)
         self.loader = DataLoader(dataset, batch_sampler=self.batch_sampler, **kwargs)
         self.to_device = decoder or _Transfer(device, kwargs["pin_memory"])
         self.normalize = Normalizer(info.mean, info.std, channels_last)
+        self.schedule = schedule
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
@@ -371,13 +423,18 @@ class DataLoaderTrainLoader:
             raise ValueError(f"start_batch {start_batch} outside [0, {len(self)}]")
         self.batch_sampler.set_epoch(epoch, start_batch)
 
+    def size(self, epoch: int) -> int | None:
+        """The training side of ``epoch`` under progressive resizing (None without it)."""
+        return None if self.schedule is None else self.schedule.size(epoch)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batches = iter(self.loader)  # captures epoch and start_batch now
         self.batch_sampler.start_batch = 0  # the skip applies to this iteration only
+        size = self.size(self.batch_sampler.epoch)
 
         def generate() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             for batch in batches:
-                images, labels = self.to_device(batch)
+                images, labels = self.to_device(batch, size)
                 yield self.normalize(images), labels
 
         return generate()
@@ -448,6 +505,41 @@ class DataLoaderEvalLoader:
 
 
 # ------------------------------------------------------------------------------------------ public builders
+def train_schedule(data_cfg: DataConfig, total_epochs: int | None) -> ResolutionSchedule | None:
+    """The progressive-resizing schedule of a run of ``total_epochs`` epochs (None without one)."""
+    return resolution_schedule(data_cfg, total_epochs or 0) if data_cfg.res_start else None
+
+
+def _note_loader_choice(cfg: DataConfig, info: DataInfo, device: torch.device, rank: int) -> None:
+    """data.loader=auto: say (rank 0, one line) when the device-resident loader was passed over for an augmentation."""
+    blocked = device_blockers(cfg, info.augment)
+    if rank == 0 and cfg.loader == "auto" and device.type == "cuda" and cfg.dataset in TENSOR_DATASETS and blocked:
+        print(f"note: data.loader=auto uses DataLoader workers: the device-resident loader cannot apply "
+              f"{', '.join(blocked)}", flush=True)
+
+
+def _gpu_train_loader(cfg: DataConfig, info: DataInfo, rank: int, world_size: int, device: torch.device, seed: int,
+                      batch: int, channels_last: bool) -> GPUTrainLoader:
+    images, labels = _tensor_split(cfg, info, train=True)
+    return GPUTrainLoader(images.to(device), labels.to(device), batch, rank, world_size, seed, info.augment,
+                          cfg.crop_padding, info.mean, info.std, channels_last, color_jitter=cfg.color_jitter,
+                          cutout=cfg.cutout, fill=mean_fill(info.mean))
+
+
+def _train_dataset(cfg: DataConfig, info: DataInfo, device: torch.device, seed: int,
+                   schedule: ResolutionSchedule | None) -> tuple[Dataset, DeviceDecoder | None]:
+    """The workers' training dataset, and the device decoder when JPEGs are decoded on the device."""
+    extra = SampleAugment(cfg, info.mean, seed) if SampleAugment.wanted(cfg) else None
+    if cfg.dataset != "imagefolder":
+        images, labels = _tensor_split(cfg, info, train=True)
+        return _TensorTrainDataset(images, labels, info.augment, cfg.crop_padding, seed, extra, schedule), None
+    samples = info.index.train
+    if cfg.decode == "device":
+        encoded = EncodedFolderTrain(samples, info.image_size, info.augment, cfg.crop_padding, seed)
+        return encoded, DeviceDecoder(device, encoded)
+    return _FolderTrainDataset(samples, info.image_size, info.augment, cfg.crop_padding, seed, extra, schedule), None
+
+
 def build_train_loader(
     data_cfg: DataConfig,
     info: DataInfo,
@@ -457,8 +549,10 @@ def build_train_loader(
     seed: int,
     micro_batch: int | None = None,
     channels_last: bool = False,
+    total_epochs: int | None = None,
 ) -> GPUTrainLoader | DataLoaderTrainLoader:
-    """This rank's training loader (per-rank batch ``micro_batch``, default ``batch_size // world_size``)."""
+    """This rank's training loader (per-rank batch ``micro_batch``, default ``batch_size // world_size``);
+    ``total_epochs`` is the run's length, which progressive resizing (``data.res_start``) needs."""
     cfg, device = data_cfg, torch.device(device)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside [0, {world_size})")
@@ -469,34 +563,13 @@ def build_train_loader(
         raise ConfigError(
             f"data.batch_size: the per-step batch {batch * world_size} exceeds the {info.train_size} training samples"
         )
-    mode = resolve_loader(cfg, info, device)
-    if mode == "gpu":
-        images, labels = _tensor_split(cfg, info, train=True)
-        return GPUTrainLoader(
-            images.to(device),
-            labels.to(device),
-            batch,
-            rank,
-            world_size,
-            seed,
-            info.augment,
-            cfg.crop_padding,
-            info.mean,
-            info.std,
-            channels_last,
-        )
-    decoder = None
-    if cfg.dataset == "imagefolder":
-        samples = info.index.train
-        if cfg.decode == "device":
-            encoded = EncodedFolderTrain(samples, info.image_size, info.augment, cfg.crop_padding, seed)
-            dataset, decoder = encoded, DeviceDecoder(device, encoded)
-        else:
-            dataset = _FolderTrainDataset(samples, info.image_size, info.augment, cfg.crop_padding, seed)
-    else:
-        images, labels = _tensor_split(cfg, info, train=True)
-        dataset = _TensorTrainDataset(images, labels, info.augment, cfg.crop_padding, seed)
-    return DataLoaderTrainLoader(dataset, cfg, info, rank, world_size, device, seed, batch, channels_last, decoder)
+    if resolve_loader(cfg, info, device) == "gpu":
+        return _gpu_train_loader(cfg, info, rank, world_size, device, seed, batch, channels_last)
+    _note_loader_choice(cfg, info, device, rank)
+    schedule = train_schedule(cfg, total_epochs)
+    dataset, decoder = _train_dataset(cfg, info, device, seed, schedule)
+    return DataLoaderTrainLoader(dataset, cfg, info, rank, world_size, device, seed, batch, channels_last, decoder,
+                                 schedule)
 
 
 def build_eval_loader(
@@ -507,24 +580,23 @@ def build_eval_loader(
     device: torch.device | str,
     channels_last: bool = False,
 ) -> TensorEvalLoader | DataLoaderEvalLoader:
-    """This rank's exact evaluation shard (every test sample on exactly one rank; ``.num_samples`` its count)."""
+    """This rank's exact evaluation shard (every test sample on exactly one rank; ``.num_samples`` its count), at
+    ``data.eval_size`` (default ``info.image_size``), whatever the training side."""
     cfg, device = data_cfg, torch.device(device)
     batch = max(1, (cfg.eval_batch_size or 2 * cfg.batch_size) // world_size)
     start, end = shard_range(info.test_size, rank, world_size)
     normalize = Normalizer(info.mean, info.std, channels_last)
     if cfg.dataset == "imagefolder":
-        samples = info.index.evals
-        resize = cfg.eval_resize or int(info.image_size * 8 / 7)
+        samples, size = info.index.evals, cfg.eval_size or info.image_size
+        resize = cfg.eval_resize or int(size * 8 / 7)
         if cfg.decode == "device":
-            encoded = EncodedFolderEval(samples, info.image_size, resize)
+            encoded = EncodedFolderEval(samples, size, resize)
             return DataLoaderEvalLoader(encoded, start, end, batch, cfg, device, normalize,
                                         DeviceDecoder(device, encoded))
-        return DataLoaderEvalLoader(
-            _FolderEvalDataset(samples, info.image_size, resize), start, end, batch, cfg, device, normalize
-        )
+        return DataLoaderEvalLoader(_FolderEvalDataset(samples, size, resize), start, end, batch, cfg, device,
+                                    normalize)
     images, labels = _tensor_split(cfg, info, train=False)
     if resolve_loader(cfg, info, device) == "gpu":
         images, labels = images[start:end].to(device), labels[start:end].to(device)
         start, end = 0, end - start
     return TensorEvalLoader(images, labels, start, end, batch, device, normalize)
-

@@ -38,7 +38,7 @@ _STREAM_DX = np.uint64(0x13198A2E03707344)
 _STREAM_FLIP = np.uint64(0xA4093822299F31D0)
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
+def splitmix64(x: np.ndarray) -> np.ndarray:
     """The splitmix64 finalizer on a uint64 array (a bijection with good avalanche); wraps modulo 2**64."""
     with np.errstate(over="ignore"):
         x = x + _GOLDEN
@@ -53,14 +53,14 @@ def sample_keys(seed: int, epoch: int, indices: np.ndarray | Sequence[int] | int
     Distinct indices give distinct keys (the final mixing step is a bijection).
     """
     idx = np.atleast_1d(np.asarray(indices, dtype=np.int64)).astype(np.uint64)
-    base = _splitmix64(np.array([seed & _U64], dtype=np.uint64))
-    base = _splitmix64(base ^ np.uint64(epoch & _U64))
-    return _splitmix64(base ^ idx)
+    base = splitmix64(np.array([seed & _U64], dtype=np.uint64))
+    base = splitmix64(base ^ np.uint64(epoch & _U64))
+    return splitmix64(base ^ idx)
 
 
 def _uniform_int(keys: np.ndarray, stream: np.uint64, high: int) -> np.ndarray:
     """Integers in [0, high) from keys (the modulo bias is < high / 2**64, i.e. negligible)."""
-    return (_splitmix64(keys ^ stream) % np.uint64(high)).astype(np.int64)
+    return (splitmix64(keys ^ stream) % np.uint64(high)).astype(np.int64)
 
 
 def crop_flip_params(
@@ -74,12 +74,12 @@ def crop_flip_params(
     keys = sample_keys(seed, epoch, indices)
     dy = _uniform_int(keys, _STREAM_DY, max_offset + 1)
     dx = _uniform_int(keys, _STREAM_DX, max_offset + 1)
-    flips = (_splitmix64(keys ^ _STREAM_FLIP) >> np.uint64(63)).astype(bool) if flip else np.zeros(len(keys), bool)
+    flips = (splitmix64(keys ^ _STREAM_FLIP) >> np.uint64(63)).astype(bool) if flip else np.zeros(len(keys), bool)
     return torch.from_numpy(dy), torch.from_numpy(dx), torch.from_numpy(flips)
 
 
 def _splitmix64_int(x: int) -> int:
-    """``_splitmix64`` on one Python int (same arithmetic modulo 2**64, without numpy's per-call overhead)."""
+    """``splitmix64`` on one Python int (same arithmetic modulo 2**64, without numpy's per-call overhead)."""
     x = (x + 0x9E3779B97F4A7C15) & _U64
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _U64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _U64
@@ -101,6 +101,18 @@ def crop_flip_params_one(
     dx = _splitmix64_int(key ^ int(_STREAM_DX)) % (max_offset + 1)
     flipped = bool(_splitmix64_int(key ^ int(_STREAM_FLIP)) >> 63) if flip else False
     return dy, dx, flipped
+
+
+def augment_epoch(epoch: int, repeat: int = 0) -> int:
+    """The epoch a sample's augmentation is keyed by: ``epoch`` itself, with the repeat index of repeated
+    augmentation in the high 32 bits (so the k copies of an image in one epoch get distinct keys)."""
+    return epoch + (repeat << 32)
+
+
+def unpack_item(item: Sequence[int]) -> tuple[int, int, int]:
+    """A training item ``(index, epoch)`` or ``(index, epoch, repeat)`` -> ``(index, epoch, augment_epoch)``."""
+    repeat = item[2] if len(item) > 2 else 0
+    return item[0], item[1], augment_epoch(item[1], repeat)
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> random.Random:

@@ -1,5 +1,5 @@
-"""What each experiment draws and tabulates from its runs (``degradation``, ``wd_ablation``, ``depth_table``), and
-the gradient-flow computation at initialisation."""
+"""What each experiment draws and tabulates from its runs (``degradation``, ``wd_ablation``, ``depth_table``,
+``augment_ablation``), and the gradient-flow computation at initialisation."""
 from __future__ import annotations
 
 import csv
@@ -13,12 +13,15 @@ import torch.nn.functional as F
 
 from ddp_resnet import config as config_mod
 from ddp_resnet import plots, rundir
-from ddp_resnet.experiments.registry import PAPER_CIFAR10_ERROR
+from ddp_resnet.experiments.registry import ENSEMBLE_OF, PAPER_CIFAR10_ERROR
 from ddp_resnet.experiments.runner import ExperimentPlan, Run, collect
 
 CURVES_FIGSIZE_PER_PANEL = (6.0, 4.5)  # degradation.png / wd_ablation.png: 600 x 450 px per panel
 GRADIENT_FIGSIZE = (12.0, 5.0)  # gradient_flow.png: 1200 x 500
 DEPTH_FIGSIZE = (6.0, 4.5)  # depth_sweep.png: 600 x 450
+ABLATION_FIGSIZE = (14.0, 5.0)  # augment_ablation.png: 1400 x 500
+ABLATION_KEYS = ["tip", "overrides", "final_test_error", "delta_vs_baseline", "best_test_error", "final_train_error",
+                 "steps"]
 
 
 def _tested(records: list[dict]) -> list[dict]:
@@ -37,6 +40,16 @@ def run_summary(run: Run, path: Path, records: list[dict]) -> dict:
         "final_train_error": 100 - records[-1]["train_acc"],
         "train_time_s": sum(float(r.get("epoch_time_s", 0.0)) for r in records),
     }
+
+
+def _write_csv(path: Path, keys: list[str], rows: list[dict]) -> None:
+    """One row per dict, the given columns; floats with 4 decimals, missing values empty."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(keys)
+        for r in rows:
+            writer.writerow(["" if r[k] is None else (f"{r[k]:.4f}" if isinstance(r[k], float) else r[k])
+                             for k in keys])
 
 
 def _fmt(value, digits: int = 2) -> str:
@@ -165,12 +178,7 @@ def analyze_depth(plan: ExperimentPlan, warn=print) -> list[Path]:
     rows.sort(key=lambda r: (r["depth"] is None, r["depth"] or 0))
     keys = ["model", "depth", "params_M", "best_test_error", "final_test_error", "final_train_error", "steps",
             "paper_test_error"]
-    with open(plan.out / "depth_table.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(keys)
-        for r in rows:
-            writer.writerow(["" if r[k] is None else (f"{r[k]:.4f}" if isinstance(r[k], float) else r[k])
-                             for k in keys])
+    _write_csv(plan.out / "depth_table.csv", keys, rows)
     lines = ["# Test error vs depth", "",
              "| model | depth | params (M) | best test error (%) | final test error (%) | final train error (%) | "
              "steps | He et al. 2015 (%) |", "|---|---|---|---|---|---|---|---|"]
@@ -284,7 +292,92 @@ def run_gradient_flow(plan: ExperimentPlan, log=print) -> list[Path]:
             plan.out / "gradient_flow.json"]
 
 
-ANALYSES = {"degradation": analyze_degradation, "wd_ablation": analyze_wd_ablation, "depth_table": analyze_depth}
+# ---------------------------------------------------------------------------------------------------- augment ablation
+def evaluate_ensemble_of(plan: ExperimentPlan, found, warn=print) -> dict | None:
+    """The ensemble of the baseline seeds' final checkpoints, evaluated by ``python -m ddp_resnet.evaluate`` (its
+    JSON), or None (with a warning) when fewer than two have finished or the evaluation fails."""
+    from ddp_resnet import evaluate
+
+    paths = [str(path / "checkpoints" / "last.pt") for run, path, _ in found if run.label in ENSEMBLE_OF]
+    paths = [p for p in paths if Path(p).is_file()]
+    if len(paths) < 2:
+        warn(f"warning: {len(paths)} of the baseline seeds {', '.join(ENSEMBLE_OF)} finished: no ensemble row")
+        return None
+    out = plan.out / "ensemble.json"
+    if evaluate.main(["--checkpoint", *paths, "--json", str(out)]) != 0:
+        warn("warning: evaluating the ensemble failed: no ensemble row")
+        return None
+    return json.loads(out.read_text())
+
+
+def ablation_rows(found, ensemble: dict | None) -> list[dict]:
+    """One row per run (and the ensemble): errors in percent and the final test error's change against the baseline."""
+    rows = []
+    for run, path, records in found:
+        s = run_summary(run, path, records)
+        rows.append({"tip": run.label, "overrides": " ".join(run.point_overrides) or "-",
+                     "final_test_error": s["final_test_error"], "best_test_error": s["best_test_error"],
+                     "final_train_error": s["final_train_error"], "steps": s["steps"]})
+    if ensemble is not None:
+        rows.append({"tip": f"ensemble of {len(ensemble['members'])}", "overrides": "averaged probabilities of "
+                     + ", ".join(Path(m["checkpoint"]).parts[-3] for m in ensemble["members"]),
+                     "final_test_error": 100 - ensemble["top1"], "best_test_error": None, "final_train_error": None,
+                     "steps": None})
+    base = next((r["final_test_error"] for r in rows if r["tip"] == "baseline"), None)
+    for r in rows:
+        known = base is not None and r["final_test_error"] is not None
+        r["delta_vs_baseline"] = r["final_test_error"] - base if known else None
+    return rows
+
+
+def write_ablation_table(out: Path, rows: list[dict]) -> list[Path]:
+    """augment_ablation.md and augment_ablation.csv."""
+    _write_csv(out / "augment_ablation.csv", ABLATION_KEYS, rows)
+    lines = ["# Augmentation and training tips, one at a time (ResNet-18 recipe)", "",
+             "| tip | overrides | final test error (%) | vs baseline (points) | best test error (%) | "
+             "final train error (%) | steps |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        delta = "-" if r["delta_vs_baseline"] is None else f"{r['delta_vs_baseline']:+.2f}"
+        lines.append(f"| {r['tip']} | {r['overrides']} | {_fmt(r['final_test_error'])} | {delta} | "
+                     f"{_fmt(r['best_test_error'])} | {_fmt(r['final_train_error'])} | {r['steps'] or '-'} |")
+    (out / "augment_ablation.md").write_text("\n".join(lines) + "\n")
+    return [out / "augment_ablation.md", out / "augment_ablation.csv"]
+
+
+def _draw_final_errors(ax, rows: list[dict]) -> None:
+    """Each tip's final test error as a point, the baseline's as a dashed line."""
+    xs = list(range(len(rows)))
+    plots.draw_series(ax, xs, [r["final_test_error"] for r in rows], "final test error", "C0", "none")
+    base = next((r["final_test_error"] for r in rows if r["tip"] == "baseline"), None)
+    if base is not None:
+        plots.draw_series(ax, [xs[0], xs[-1]], [base, base], "baseline", "k", "--", 1.0, marker="")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([r["tip"] for r in rows], rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("final test error (%)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("final test error per tip")
+
+
+def analyze_augment_ablation(plan: ExperimentPlan, warn=print) -> list[Path]:
+    """augment_ablation.md / .csv (each tip's errors and change against the baseline, and the baseline seeds'
+    ensemble) and augment_ablation.png (train and test error curves; final test error per tip)."""
+    found = collect(plan, warn)
+    rows = ablation_rows(found, evaluate_ensemble_of(plan, found, warn))
+    paths = write_ablation_table(plan.out, rows)
+    fig = plots.new_figure(*ABLATION_FIGSIZE)
+    ax_curves, ax_final = fig.subplots(1, 2)
+    colors = ["k" if run.label == "baseline" else f"C{i % 10}" for i, (run, _, _) in enumerate(found)]
+    plots.error_curves(ax_curves, _curves(found), x_key="epoch", colors=colors)
+    ax_curves.set_title("error: train (dashed), test (solid); baseline in black")
+    _draw_final_errors(ax_final, rows)
+    fig.suptitle("the seeds' tips one at a time")
+    fig.tight_layout()
+    return [plots.save(fig, plan.out / "augment_ablation.png"), *paths]
+
+
+ANALYSES = {"degradation": analyze_degradation, "wd_ablation": analyze_wd_ablation, "depth_table": analyze_depth,
+            "augment_ablation": analyze_augment_ablation}
 
 
 def analyze(plan: ExperimentPlan, log=print) -> list[Path]:

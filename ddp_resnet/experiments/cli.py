@@ -17,6 +17,12 @@ Experiments (recipes in ``configs/experiments/NAME.yaml``: ordinary training con
   ``wd_ablation.png`` (error and loss curves) and ``results.md``.
 * ``depth_sweep``: the paper's CIFAR ResNets 20/32/44/56/110: ``depth_table.md`` and ``depth_table.csv`` (test
   error vs depth, parameters, the paper's numbers for CIFAR-10) and ``depth_sweep.png``.
+* ``augment_ablation``: the seeds' tips one at a time on the ResNet-18 recipe (a baseline, then cutout, random
+  erasing, colour jitter, rotation/scaling, mixup, cutmix, AutoAugment, TrivialAugment, head dropout, label
+  smoothing, warm-up, cyclic lr; ``registry.AUGMENT_TIPS``), and two more baseline seeds whose ensemble with the
+  baseline (``python -m ddp_resnet.evaluate --checkpoint`` of the three) is the ensembles tip:
+  ``augment_ablation.md`` / ``.csv`` (final and best test error, change against the baseline) and
+  ``augment_ablation.png``. It runs a list of points rather than a product, so ``--slurm`` submits one job each.
 
 Each run trains with ``ddp_resnet.train.main`` into ``OUT/<point>`` (the directory names of
 ``python -m ddp_resnet.slurm --sweep``, e.g. ``OUT/nameresnet56``), one after the other in this process
@@ -45,7 +51,7 @@ from ddp_resnet.experiments.runner import (
     EXIT_OK,
     UsageError,
     make_plan,
-    slurm_argv,
+    slurm_argvs,
     submit_to_slurm,
     train_command,
     train_runs,
@@ -85,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for e in EXPERIMENTS.values():
             sweep = " ".join(f"{k}={','.join(v)}" for k, v in e.sweep)
-            print(f"{e.name:<14} {e.description}\n{'':<14} configs/experiments/{e.recipe}, sweep {sweep}")
+            runs = f"runs {', '.join(label for label, _ in e.points)}" if e.points else f"sweep {sweep}"
+            print(f"{e.name:<16} {e.description}\n{'':<16} configs/experiments/{e.recipe}, {runs}")
         return EXIT_OK
     try:
         if not args.name:
@@ -105,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     again = (f"python -m ddp_resnet.experiments {experiment.name} --out {plan.out}{' --smoke' if args.smoke else ''} "
              f"--analyze-only")
     if args.slurm and experiment.trains and not args.analyze_only:
-        print(shlex.join(["python", "-m", "ddp_resnet.slurm", *slurm_argv(plan, slurm_args)]), flush=True)
+        for argv in slurm_argvs(plan, slurm_args):
+            print(shlex.join(["python", "-m", "ddp_resnet.slurm", *argv]), flush=True)
         if args.dry_run:
             print(f"# dry run: nothing submitted; afterwards: {again}")
             return EXIT_OK

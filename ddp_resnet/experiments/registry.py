@@ -13,6 +13,26 @@ SMOKE = (
 # He et al. 2015, Table 6: CIFAR-10 test error (%) of the CIFAR ResNets (110: best of 5 runs; mean 6.61).
 PAPER_CIFAR10_ERROR = {"resnet20": 8.75, "resnet32": 7.51, "resnet44": 7.17, "resnet56": 6.97, "resnet110": 6.43,
                        "resnet1202": 7.93}
+# The seeds' advanced tips, one run each on top of the ResNet-18 CIFAR recipe (crop + flip, cosine, 200 epochs);
+# the baseline is trained with three seeds, whose ensemble (averaged probabilities) is the "ensembles" tip.
+AUGMENT_TIPS = (
+    ("baseline", ()),
+    ("cutout", ("data.cutout=16",)),
+    ("random_erasing", ("data.random_erasing=0.5",)),
+    ("color_jitter", ("data.color_jitter=0.4",)),
+    ("rotate_scale", ("data.rotate_degrees=15", "data.scale_jitter=0.1")),
+    ("mixup", ("data.mixup_alpha=1.0",)),
+    ("cutmix", ("data.cutmix_alpha=1.0",)),
+    ("autoaugment", ("data.auto_augment=autoaugment", "data.autoaugment_policy=cifar10")),
+    ("trivialaugment", ("data.auto_augment=trivialaugment",)),
+    ("head_dropout", ("model.head_dropout=0.3",)),
+    ("label_smoothing", ("train.label_smoothing=0.1",)),
+    ("warmup", ("optim.warmup_epochs=5",)),
+    ("cyclic_lr", ("optim.schedule=cyclic", "optim.cycle_period=40")),
+    ("baseline_seed1", ("train.seed=1",)),
+    ("baseline_seed2", ("train.seed=2",)),
+)
+ENSEMBLE_OF = ("baseline", "baseline_seed1", "baseline_seed2")
 
 
 
@@ -24,9 +44,10 @@ class Experiment:
     name: str
     recipe: str  # file name under configs/experiments/
     sweep: tuple  # ((key, (value, ...)), ...): the runs are the product, in order
-    analysis: str  # degradation | gradient_flow | wd_ablation | depth_table
+    analysis: str  # degradation | gradient_flow | wd_ablation | depth_table | augment_ablation
     description: str
     trains: bool = True  # gradient_flow computes at initialisation without training
+    points: tuple = ()  # ((label, (override, ...)), ...): the runs instead of a product sweep
 
 
 EXPERIMENTS = {
@@ -43,6 +64,10 @@ EXPERIMENTS = {
         Experiment("depth_sweep", "depth_sweep.yaml",
                    (("model.name", ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")),), "depth_table",
                    "CIFAR ResNets 20/32/44/56/110, paper recipe: test error vs depth table"),
+        Experiment("augment_ablation", "augment_ablation.yaml", (), "augment_ablation",
+                   "the seeds' tips one at a time on the CIFAR-10 ResNet-18 recipe (cutout, random erasing, colour "
+                   "jitter, rotation/scaling, mixup, cutmix, AutoAugment, TrivialAugment, head dropout, label "
+                   "smoothing, warm-up, cyclic lr) and an ensemble of three baseline seeds", points=AUGMENT_TIPS),
     )
 }
 

@@ -12,7 +12,7 @@ from ddp_resnet import config as config_mod
 from ddp_resnet import rundir
 from ddp_resnet.config import ConfigError
 from ddp_resnet.experiments.registry import EXPERIMENTS, SMOKE, Experiment
-from ddp_resnet.slurm.sweep import parse_sweeps, point_names
+from ddp_resnet.slurm.sweep import parse_sweeps, point_names, slug
 
 EXIT_OK = 0
 
@@ -80,6 +80,11 @@ def make_plan(args: argparse.Namespace) -> ExperimentPlan:
             raise UsageError("use --out instead of output_dir= (each run gets a directory under it)")
         base.append(text)
     sweeps = parse_sweeps(args.sweep) if args.sweep else [(key, list(values)) for key, values in experiment.sweep]
+    points = [(list(overrides), slug(label), label) for label, overrides in experiment.points]
+    if args.sweep or not points:
+        points = [(overrides, name, point_label(overrides)) for overrides, name in point_names(sweeps)]
+    else:
+        sweeps = []  # explicit points: not a product sweep (SLURM gets one job per point)
     if args.out:
         out = Path(args.out)
     else:
@@ -88,14 +93,14 @@ def make_plan(args: argparse.Namespace) -> ExperimentPlan:
             out = out.with_name(out.name + "-smoke")
     out = out.absolute()
     runs = []
-    for overrides, dirname in point_names(sweeps):
+    for overrides, dirname, label in points:
         run_out = out / dirname
         argv = ["--config", str(recipe), *base, *overrides, f"output_dir={run_out}"]
         try:
             config_mod.load(recipe, argv[2:])
         except ConfigError as exc:
             raise ConfigError(f"{exc} (run {' '.join(overrides)})") from None
-        runs.append(Run(point_label(overrides), tuple(overrides), run_out, tuple(argv)))
+        runs.append(Run(label, tuple(overrides), run_out, tuple(argv)))
     return ExperimentPlan(experiment, recipe, out, tuple(base), sweeps, tuple(runs))
 
 
@@ -107,26 +112,43 @@ def train_command(run: Run, nproc: int) -> list[str]:
     return [sys.executable, "-m", "ddp_resnet.train", *run.argv]
 
 
-def slurm_argv(plan: ExperimentPlan, slurm_args: list[str]) -> list[str]:
-    """The arguments of ``python -m ddp_resnet.slurm`` that submit the experiment as one sweep."""
-    argv = ["--config", str(plan.recipe), *plan.base_overrides, f"output_dir={plan.out}"]
-    for key, values in plan.sweeps:
-        argv += ["--sweep", f"{key}={','.join(values)}"]
+def _with_gpus(argv: list[str], slurm_args: list[str]) -> list[str]:
     if not any(a == "--gpus-per-node" or a.startswith("--gpus-per-node=") for a in slurm_args):
         argv += ["--gpus-per-node", "1"]
     return argv + list(slurm_args)
 
 
+def slurm_argv(plan: ExperimentPlan, slurm_args: list[str]) -> list[str]:
+    """The arguments of ``python -m ddp_resnet.slurm`` that submit the experiment as one sweep."""
+    argv = ["--config", str(plan.recipe), *plan.base_overrides, f"output_dir={plan.out}"]
+    for key, values in plan.sweeps:
+        argv += ["--sweep", f"{key}={','.join(values)}"]
+    return _with_gpus(argv, slurm_args)
+
+
+def slurm_argvs(plan: ExperimentPlan, slurm_args: list[str]) -> list[list[str]]:
+    """The ``python -m ddp_resnet.slurm`` argument lists: one sweep, or one job per point of a points experiment."""
+    if plan.sweeps or not plan.experiment.points:
+        return [slurm_argv(plan, slurm_args)]
+    return [_with_gpus(["--config", str(plan.recipe), *plan.base_overrides, *run.point_overrides,
+                        f"output_dir={run.out}"], slurm_args) for run in plan.runs]
+
+
 def submit_to_slurm(plan: ExperimentPlan, slurm_args: list[str]):
-    """Submit the sweep through ``ddp_resnet.slurm.submit``; returns (exit code, its parsed arguments)."""
+    """Submit through ``ddp_resnet.slurm.submit``; returns (exit code, the last submission's parsed arguments)."""
     from ddp_resnet.slurm import submit
 
-    try:
-        args = submit.parse_args(slurm_argv(plan, slurm_args))
-    except submit.UsageError as exc:
-        print(f"ddp_resnet.slurm: error: {exc}", file=sys.stderr)
-        return submit.EXIT_USAGE, None
-    return submit.execute(args), args
+    code, args = EXIT_OK, None
+    for argv in slurm_argvs(plan, slurm_args):
+        try:
+            args = submit.parse_args(argv)
+        except submit.UsageError as exc:
+            print(f"ddp_resnet.slurm: error: {exc}", file=sys.stderr)
+            return submit.EXIT_USAGE, None
+        code = submit.execute(args)
+        if code != EXIT_OK:
+            return code, args
+    return code, args
 
 
 # ---------------------------------------------------------------------------------------------------- running

@@ -10,7 +10,8 @@ Build any network by name with :func:`build_model`; :func:`list_models` gives th
 
 Every model has its stem convolution at ``conv1``, its stages at ``layer1..layer4`` (``layer1..layer3`` for the
 CIFAR nets and ``wrn28_10``) and its classifier at ``fc`` (an ``nn.Linear``). ``summarize`` counts parameters
-and multiply-adds per stage; ``python -m ddp_resnet.models NAME`` prints them.
+and multiply-adds per stage; ``python -m ddp_resnet.models NAME`` prints them. ``build_model(..., blurpool=True,
+head_dropout=p)`` adds anti-aliased downsampling and dropout before ``fc`` with unchanged state_dict keys.
 """
 from .blocks import (
     BasicBlock,
@@ -25,14 +26,15 @@ from .blocks import (
     init_weights,
 )
 from .cifar import CifarResNet, wide_resnet_cifar
+from .options import BlurConv2d, DropoutLinear, apply_blurpool, apply_head_dropout
 from .registry import build_model, default_stem, is_cifar_only, list_models, resolve_model_stem
 from .resnet import ResNet
 from .summary import format_summary, summarize
 from .variants import PreActResNet
 
 __all__ = [
-    "BasicBlock", "Block", "Bottleneck", "CifarBasicBlock", "CifarResNet", "PreActBasicBlock", "PreActBottleneck",
-    "PreActResNet", "ResNet", "SEBasicBlock", "SEBottleneck", "SqueezeExcitation", "build_model", "default_stem",
-    "format_summary", "init_weights", "is_cifar_only", "list_models", "resolve_model_stem", "summarize",
-    "wide_resnet_cifar",
+    "BasicBlock", "Block", "BlurConv2d", "Bottleneck", "CifarBasicBlock", "CifarResNet", "DropoutLinear",
+    "PreActBasicBlock", "PreActBottleneck", "PreActResNet", "ResNet", "SEBasicBlock", "SEBottleneck",
+    "SqueezeExcitation", "apply_blurpool", "apply_head_dropout", "build_model", "default_stem", "format_summary",
+    "init_weights", "is_cifar_only", "list_models", "resolve_model_stem", "summarize", "wide_resnet_cifar",
 ]

@@ -10,6 +10,7 @@ from torch import nn
 
 from .blocks import BasicBlock, Bottleneck, PreActBasicBlock, PreActBottleneck, SEBasicBlock, SEBottleneck, resolve_stem
 from .cifar import CifarResNet, wide_resnet_cifar
+from .options import apply_blurpool, apply_head_dropout
 from .resnet import ResNet
 from .variants import PreActResNet
 
@@ -92,7 +93,7 @@ def resolve_model_stem(name: str, stem: str | None) -> str:
 
 
 def build_model(name: str, num_classes: int = 1000, stem: str | None = None, zero_init_residual: bool = False,
-                **kwargs: Any) -> nn.Module:
+                blurpool: bool = False, head_dropout: float = 0.0, **kwargs: Any) -> nn.Module:
     """Build a freshly initialised model by name.
 
     Args:
@@ -101,6 +102,8 @@ def build_model(name: str, num_classes: int = 1000, stem: str | None = None, zer
         stem: ``"imagenet"``, ``"cifar"``, or ``None``/``"auto"`` for the model's natural default
             (:func:`default_stem`).
         zero_init_residual: start the last BN gamma of every residual block at 0.
+        blurpool: blur before every strided convolution with >= 16 input channels (``options.apply_blurpool``).
+        head_dropout: dropout probability before ``fc`` (``options.apply_head_dropout``).
         **kwargs: passed to the builder (e.g. ``dropout`` for ``wrn28_10``, ``reduction`` for SE nets).
 
     Raises:
@@ -108,4 +111,9 @@ def build_model(name: str, num_classes: int = 1000, stem: str | None = None, zer
     """
     spec = _spec(name)
     stem = resolve_model_stem(name, stem)
-    return spec.builder(num_classes=num_classes, stem=stem, zero_init_residual=zero_init_residual, **kwargs)
+    model = spec.builder(num_classes=num_classes, stem=stem, zero_init_residual=zero_init_residual, **kwargs)
+    if blurpool:
+        apply_blurpool(model)
+    if head_dropout > 0:
+        apply_head_dropout(model, head_dropout)
+    return model
