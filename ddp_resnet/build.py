@@ -101,8 +101,9 @@ def network_from_weights(cfg: Config, info, state: dict, path: str | Path, devic
 
 
 # --------------------------------------------------------------------------------------------- the step
-def wrap_ddp(bare: nn.Module, cfg: Config, env) -> DDP | None:
-    """DDP around the bare model with the config's options, when there is a process group (else None)."""
+def wrap_ddp(bare: nn.Module, cfg: Config, env, image_size: int = 64) -> DDP | None:
+    """DDP around the bare model with the config's options, when there is a process group (else None), its
+    gradient buckets already settled (``settle_buckets``)."""
     if not env.distributed:
         return None
     d = cfg.dist
@@ -111,8 +112,31 @@ def wrap_ddp(bare: nn.Module, cfg: Config, env) -> DDP | None:
     options = {"forward_sync_buffers" if renamed else "broadcast_buffers": d.forward_sync_buffers}
     if d.bucket_cap_mb > 0:  # passing any size, even DDP's default 25, also drops DDP's small first bucket
         options["bucket_cap_mb"] = d.bucket_cap_mb
-    return DDP(bare, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-               static_graph=d.static_graph, gradient_as_bucket_view=d.gradient_as_bucket_view, **options)
+    ddp = DDP(bare, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+              static_graph=d.static_graph, gradient_as_bucket_view=d.gradient_as_bucket_view, **options)
+    settle_buckets(ddp, bare, image_size, env.device)
+    return ddp
+
+
+def settle_buckets(ddp: DDP, bare: nn.Module, image_size: int, device: torch.device) -> None:
+    """One forward and backward of two blank images through a new DDP wrapper, so that it fixes its gradient
+    buckets before the first training step; weights, buffers, gradients and random streams are left as they were.
+
+    DDP reduces its first backward's gradients as one bucket, then re-buckets them in the order they became ready.
+    With three or more ranks a gradient element's sum depends on where it lies in its bucket (a ring all-reduce
+    adds each chunk in a different rank order), so a resumed process, whose first step would be reduced as one
+    bucket, would drift (in the last bits) from the run it continues. Every process spends that first pass here.
+    """
+    saved = [b.detach().clone() for b in bare.buffers()]
+    cuda = [device] if device.type == "cuda" else []  # the CPU generator is always forked
+    with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+        blank = torch.zeros(2, 3, image_size, image_size, device=device)
+        ddp(blank).float().mean().backward()
+    with torch.no_grad():
+        for buffer, value in zip(bare.buffers(), saved):
+            buffer.copy_(value)
+    for param in bare.parameters():
+        param.grad = None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -139,6 +163,7 @@ class Step:
     stepper: Stepper
     note: Callable[[str], None] = print
     compiled: str = "off"
+    image_size: int = 64  # the side of the blank images that settle DDP's buckets
     calls: int = 0
 
     def __call__(self, micro_batches: list, step: int) -> torch.Tensor:
@@ -159,7 +184,7 @@ class Step:
         self.stepper.model = self.stepper.ddp = None
         torch._dynamo.reset()
         gc.collect()  # a discarded DDP's reducer removes its gradient hooks when it is freed
-        ddp = wrap_ddp(self.bare, self.cfg, self.env)
+        ddp = wrap_ddp(self.bare, self.cfg, self.env, self.image_size)
         self.stepper.model, self.stepper.ddp = ddp or self.bare, ddp
         self.compiled = "fallback"
 
@@ -201,7 +226,7 @@ def build_step(cfg: Config, info, env, bare: nn.Module, total_steps: int, steps_
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps, steps_per_epoch)
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.train.amp == "fp16")
     ema = ModelEma(bare, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
-    ddp = wrap_ddp(bare, cfg, env)
+    ddp = wrap_ddp(bare, cfg, env, info.image_size)
     model: nn.Module = ddp or bare
     compiled = "off"
     if cfg.train.compile:
@@ -216,4 +241,4 @@ def build_step(cfg: Config, info, env, bare: nn.Module, total_steps: int, steps_
                             mixup_alpha=cfg.data.mixup_alpha, cutmix_alpha=cfg.data.cutmix_alpha,
                             seed=cfg.train.seed, rank=env.rank, skip_nonfinite=cfg.train.nonfinite == "skip")
     stepper = Stepper(model, optimizer, scheduler, scaler, settings, ema=ema, bare_model=bare, ddp=ddp)
-    return Step(cfg, env, bare, optimizer, scheduler, scaler, ema, stepper, note, compiled)
+    return Step(cfg, env, bare, optimizer, scheduler, scaler, ema, stepper, note, compiled, info.image_size)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY, assert_bitwise_equal, child_env, metrics, ok, run_train, train_cmd, weights
+from conftest import REPO, TINY, assert_bitwise_equal, child_env, metrics, ok, run_train, train_cmd, untimed, weights
 from ddp_resnet import rundir
 
 NAN_ON_RANK1_AT_STEP5 = {"DDP_RESNET_TEST_NAN_AT": "1:5"}
@@ -279,14 +279,33 @@ def _nodes(out: Path, *overrides: str, env: dict | None = None) -> list[subproce
     return agents
 
 
-def test_two_torchrun_nodes_train_the_weights_of_one_four_process_node(tmp_path):
-    nodes, single = tmp_path / "nodes", tmp_path / "single"
+@pytest.fixture(scope="module")
+def four_processes(tmp_path_factory) -> Path:
+    """An uninterrupted run of 4 processes on one node (4 steps per epoch, 8 in all)."""
+    out = tmp_path_factory.mktemp("four") / "single"
+    ok(run_train(out, nproc=4))
+    return out
+
+
+def test_two_torchrun_nodes_train_the_weights_of_one_four_process_node(tmp_path, four_processes):
+    nodes = tmp_path / "nodes"
     results = [(a, *a.communicate(timeout=300)) for a in _nodes(nodes)]
     assert [a.returncode for a, _, _ in results] == [0, 0], results[0][2][-2000:] + results[1][2][-2000:]
     assert "4 ranks (torchrun, gloo)" in results[0][1] + results[1][1]
-    ok(run_train(single, nproc=4))
-    assert_bitwise_equal(weights(nodes / "checkpoints/last.pt"), weights(single / "checkpoints/last.pt"))
-    assert metrics(nodes)[-1]["test_acc"] == metrics(single)[-1]["test_acc"]
+    assert_bitwise_equal(weights(nodes / "checkpoints/last.pt"), weights(four_processes / "checkpoints/last.pt"))
+    assert metrics(nodes)[-1]["test_acc"] == metrics(four_processes)[-1]["test_acc"]
+
+
+def test_four_ranks_resumed_mid_epoch_end_bitwise_where_the_uninterrupted_run_does(tmp_path, four_processes):
+    """With three or more ranks a gradient's all-reduced sum depends on DDP's bucket layout, which DDP changes
+    after its first backward: the resumed processes must reduce their first step as the uninterrupted run did."""
+    out = tmp_path / "resumed"
+    crashed = run_train(out, "ckpt.every_steps=5", nproc=4, env={"DDP_RESNET_TEST_FAIL_AT": "0:6"})
+    assert crashed.returncode != 0 and torch.load(out / "checkpoints/last.pt", weights_only=True)["step"] == 5
+    resumed = ok(run_train(out, "ckpt.every_steps=5", nproc=4))
+    assert "step 5/8 (epoch 1, step 1 of it)" in resumed.stdout, resumed.stdout
+    assert_bitwise_equal(weights(out / "checkpoints/last.pt"), weights(four_processes / "checkpoints/last.pt"))
+    assert [untimed(r) for r in metrics(out)] == [untimed(r) for r in metrics(four_processes)]
 
 
 def test_killing_one_nodes_agent_ends_the_other_within_the_timeout(tmp_path):

@@ -35,8 +35,6 @@ AUGMENT_TIPS = (
 ENSEMBLE_OF = ("baseline", "baseline_seed1", "baseline_seed2")
 
 
-
-
 @dataclass(frozen=True)
 class Experiment:
     """One experiment: a recipe, the swept keys, and what is drawn from the runs."""
