@@ -1,7 +1,9 @@
-"""A local one-node SLURM cluster for the `slurm` integration tests, and small helpers to drive jobs.
+"""A local SLURM cluster for the `slurm` integration tests, and small helpers to drive jobs.
 
 ``ensure_cluster()`` returns None when a usable cluster is up, starting one with ``.ci/slurm_setup.sh``
 (root only) when none answers; otherwise it returns the reason, which the tests turn into a skip.
+``two_nodes_reason()`` does the same for the partition ``twonode``: two slurmd daemons, each in its own network
+namespace with its own host name (node1, node2), for multi-node jobs.
 
     python tests/slurm_cluster.py          # start (or check) the cluster, print its state
 """
@@ -68,6 +70,39 @@ def ensure_cluster(timeout_s: float = 600) -> str | None:
             reason = "SLURM was started but no node is usable"
     _REASON.append(reason)
     return reason
+
+
+TWO_NODES = "twonode"
+
+
+def partition_states(partition: str) -> list[str]:
+    """States of one partition's nodes (empty when the partition does not exist or sinfo fails)."""
+    try:
+        res = _run(["sinfo", "-h", "-N", "-p", partition, "-o", "%T"], timeout=20)  # a line per node
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [s.strip().rstrip("*~#!%$@^-") for s in res.stdout.split()] if res.returncode == 0 else []
+
+
+def two_nodes_reason(timeout_s: float = 600) -> str | None:
+    """None when the two-node partition can run jobs; else why not. Reruns the (idempotent) setup script once
+    when the partition is missing, e.g. under a cluster started by an older one-node configuration."""
+    why = ensure_cluster(timeout_s)
+    if why:
+        return why
+    states = partition_states(TWO_NODES)
+    if not states and os.geteuid() == 0 and SETUP.is_file():
+        try:
+            subprocess.run(["bash", str(SETUP)], check=False, capture_output=True, text=True, timeout=timeout_s)
+        except (OSError, subprocess.SubprocessError):
+            pass
+        states = partition_states(TWO_NODES)
+    if not states:
+        return (f"no partition {TWO_NODES!r}: .ci/slurm_setup.sh could not make the network namespaces "
+                "for node1/node2 (see its output)")
+    if len(states) < 2 or not all(s in USABLE for s in states):
+        return f"partition {TWO_NODES!r} is not usable: node states {states} (see /var/log/slurm/slurmd.node*.log)"
+    return None
 
 
 def job_fields(job_id: str) -> dict:

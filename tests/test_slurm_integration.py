@@ -99,13 +99,9 @@ def assert_same_weights(out: Path, reference_out: Path) -> None:
         assert torch.equal(got["model"][name], tensor), name
 
 
-@pytest.mark.parametrize("how", ["usr2", "scontrol_requeue"])
-def test_preempted_job_requeues_and_resumes_exactly(reference, tmp_path, how):
-    """usr2: the warning signal (--signal) -> rank 0 requeues. scontrol_requeue: the scheduler requeues (SIGTERM)."""
-    out = tmp_path / how
-    # slowed steps: the job cannot finish before the signal arrives, however idle the machine is
-    res = launch(f"output_dir={out}", f"train.epochs={EPOCHS}", *CPU_JOB, env={"DDP_RESNET_TEST_STEP_DELAY_S": "0.3"})
-    assert res.returncode == 0, res.stderr
+def interrupt_once(res: subprocess.CompletedProcess, out: Path, how: str) -> tuple[str, str]:
+    """After the submitted job's first epoch: send the time-limit warning (usr2) or requeue it (scontrol_requeue);
+    wait for it to complete once more. Returns its id and task 0's log."""
     (job_id,) = sc.job_ids(res.stdout)
     try:
         assert sc.wait_for(lambda: metrics(out), timeout_s=240), "the job never finished its first epoch"
@@ -117,6 +113,17 @@ def test_preempted_job_requeues_and_resumes_exactly(reference, tmp_path, how):
     text = logs(out, job_id)
     assert state == "COMPLETED", text
     assert sc.job_fields(job_id).get("Restarts") == "1"
+    return job_id, text
+
+
+@pytest.mark.parametrize("how", ["usr2", "scontrol_requeue"])
+def test_preempted_job_requeues_and_resumes_exactly(reference, tmp_path, how):
+    """usr2: the warning signal (--signal) -> rank 0 requeues. scontrol_requeue: the scheduler requeues (SIGTERM)."""
+    out = tmp_path / how
+    # slowed steps: the job cannot finish before the signal arrives, however idle the machine is
+    res = launch(f"output_dir={out}", f"train.epochs={EPOCHS}", *CPU_JOB, env={"DDP_RESNET_TEST_STEP_DELAY_S": "0.3"})
+    assert res.returncode == 0, res.stderr
+    job_id, text = interrupt_once(res, out, how)
     assert "stop signal: checkpoint written" in text and "resumed from" in text, text
     (record,) = sc_records(out, job_id)
     assert record["reason"] == "preemption" and record["requeue"] is True and record["limit_s"] == 3600
