@@ -9,6 +9,7 @@ job's id and restart count (``slurm_job``) and has the launcher variables of its
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import re
 import shutil
@@ -260,9 +261,18 @@ def guarded(work: Callable[[], int], rank: int, what: str, usage_errors: tuple) 
 
 
 def cleanup() -> None:
-    """Destroy the process group if one exists."""
+    """Destroy the process group if one exists, and make sure its worker threads end now.
+
+    The objects of a finished run (a DDP reducer in a reference cycle, say) can keep the backend alive past
+    ``destroy_process_group``, its threads then ending only at interpreter exit; a gloo worker that releases a
+    finished collective's tensors there needs the GIL and aborts the process ("terminate called without an active
+    exception"), one run in twenty on a loaded machine. Collecting them first lets the backend go, and its threads
+    be joined, while the interpreter is fully alive.
+    """
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
