@@ -277,8 +277,8 @@ class Runner:
         bare = build.build_network(cfg, info, env) if which == "ours" else torchvision_network(cfg, info, env)
         self.macs = summarize(bare, info.image_size)["total"]["macs"]
         self.batches = make_batches(cfg, info, env, loader_mode)
-        self.parts = build.build_step(cfg, info, env, bare, total_steps,
-                                        self.batches.steps_per_epoch or total_steps, note)
+        self.parts = build.build_step(cfg, info, env, bare, total_steps, self.batches.steps_per_epoch or total_steps,
+                                      build.run_length(cfg, info, env.world_size)[1], note)
         bare.train()
         self.acc = torch.zeros(4, device=env.device)
         self.step = 0
@@ -313,7 +313,7 @@ class Runner:
             self.acc += stats
             if self.log_every:
                 self.meter.add(stats, 0.0)
-                self.watch.add(stats, self.step, sum(labels.shape[0] for _, labels in micro))
+                self.watch.add(stats, self.step)
             self.step += 1
             if self.log_every and self.step % self.log_every == 0:
                 self.meter.read()

@@ -219,7 +219,7 @@ def compile_options(cfg: Config, total_epochs: int) -> dict:
     return {"dynamic": False}
 
 
-def build_step(cfg: Config, info, env, bare: nn.Module, total_steps: int, steps_per_epoch: int,
+def build_step(cfg: Config, info, env, bare: nn.Module, total_steps: int, steps_per_epoch: int, total_epochs: int,
                note: Callable[[str], None] = print) -> Step:
     """Optimizer, scheduler, scaler, EMA, DDP, torch.compile and the Stepper around ``bare``."""
     optimizer = build_optimizer(bare, cfg, env.device)
@@ -231,7 +231,7 @@ def build_step(cfg: Config, info, env, bare: nn.Module, total_steps: int, steps_
     compiled = "off"
     if cfg.train.compile:
         try:
-            model = torch.compile(model, **compile_options(cfg, math.ceil(total_steps / max(steps_per_epoch, 1))))
+            model = torch.compile(model, **compile_options(cfg, total_epochs))
             compiled = "on"
         except Exception as exc:  # noqa: BLE001 - any compile failure means: run eagerly
             note(f"note: torch.compile failed ({_first_line(exc)}); falling back to eager")

@@ -199,6 +199,8 @@ def _coerce(key: str, value: Any, tp: Any, default: Any) -> Any:
     """Convert a YAML/CLI value to the field's type, or raise ConfigError naming the key."""
     if typing.get_origin(tp) is Literal:
         allowed = typing.get_args(tp)
+        if isinstance(value, bool):  # YAML reads a bare true/false (e.g. optim.fused=false) as a bool
+            value = "true" if value else "false"
         text = _coerce(key, value, str, default)
         if text not in allowed:
             raise ConfigError(f"{key}: unknown value '{text}'; valid choices: {', '.join(allowed)}")

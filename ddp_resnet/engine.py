@@ -197,7 +197,7 @@ def evaluate(model: nn.Module, loader, num_classes: int, device: torch.device, a
     sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss_sum, top1, topk, count
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.int64)
     for images, labels in loader:
-        scores, _ = _member_probs(model, images, device, amp, tta_flip)
+        scores, _ = _member_scores(model, images, device, amp, tta_flip)
         batch_sums, pred = _batch_sums(scores, labels, k, log_probs=tta_flip)
         sums[:3] += batch_sums
         sums[3] += labels.shape[0]  # a host number: no host-to-device copy per batch
@@ -220,16 +220,17 @@ def _batch_sums(logits: torch.Tensor, labels: torch.Tensor, k: int,
                         (topk == labels[:, None]).any(1).sum().double()]), topk[:, 0]
 
 
-def _member_probs(model: nn.Module, images: torch.Tensor, device: torch.device, amp: str,
-                  tta_flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _member_scores(model: nn.Module, images: torch.Tensor, device: torch.device, amp: str,
+                   tta_flip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One model's ``(scores, probabilities)`` for a batch: scores are what ``evaluate`` ranks and scores (logits,
-    or with ``tta_flip`` the log of the image's and its mirror's averaged probabilities)."""
+    or with ``tta_flip`` the log of the image's and its mirror's averaged probabilities); the probabilities are
+    computed only with ``tta_flip`` (None otherwise: ``logits.softmax(1)`` where needed)."""
     with autocast(device, amp):
         logits = model(images).float()
         if tta_flip:
             probs = (logits.softmax(1) + model(images.flip(3)).float().softmax(1)) / 2
             return probs.clamp_min(1e-12).log(), probs
-    return logits, logits.softmax(1)
+    return logits, None
 
 
 def _results(sums: torch.Tensor, confusion: torch.Tensor, num_classes: int) -> dict:
@@ -258,8 +259,8 @@ def evaluate_ensemble(models: list[nn.Module], loader, num_classes: int, device:
     sums = torch.zeros(n + 1, 4, device=device, dtype=torch.float64)  # per member, then the ensemble
     confusion = torch.zeros(n + 1, num_classes * num_classes, device=device, dtype=torch.int64)
     for images, labels in loader:
-        outputs = [_member_probs(m, images, device, amp, tta_flip) for m in models]
-        mean = torch.stack([probs for _, probs in outputs]).mean(0)
+        outputs = [_member_scores(m, images, device, amp, tta_flip) for m in models]
+        mean = torch.stack([s.softmax(1) if probs is None else probs for s, probs in outputs]).mean(0)
         scores = [s for s, _ in outputs] + [mean.clamp_min(1e-12).log()]
         for i, score in enumerate(scores):
             batch_sums, pred = _batch_sums(score, labels, k, log_probs=tta_flip or i == n)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ddp_resnet.engine import STAT_GRAD_NORM, STAT_LOSS_SUM, StepSettings, nonfinite
+from ddp_resnet.engine import STAT_COUNT, STAT_GRAD_NORM, STAT_LOSS_SUM, StepSettings, nonfinite
 from ddp_resnet.rundir import format_duration
 
 STRAGGLER_RATIO = 1.2  # a rank whose data wait + forward time exceeds the median by 20% ...
@@ -39,14 +39,18 @@ class IntervalMeter:
     def __init__(self, device: torch.device, global_batch: int):
         self.device, self.global_batch = device, global_batch
         self.sums = torch.zeros(4, device=device)  # the engine's STAT_* sums over the interval's steps
-        self.steps = 0
+        self.steps = self.skipped = 0
         self.data_wait = 0.0
         self.excluded = 0.0
         self.start = time.perf_counter()
 
-    def add(self, stats: torch.Tensor, data_wait_s: float) -> None:
-        """Account for one optimizer step (a device add, no synchronization)."""
-        self.sums += stats
+    def add(self, stats: torch.Tensor, data_wait_s: float, skipped: bool = False) -> None:
+        """Account for one optimizer step (a device add, no synchronization); a skipped step (``nonfinite=skip``)
+        counts for time and images/s only, its non-finite values stay out of the means."""
+        if skipped:
+            self.skipped += 1
+        else:
+            self.sums += stats
         self.steps += 1
         self.data_wait += data_wait_s
 
@@ -61,11 +65,11 @@ class IntervalMeter:
         steps = max(self.steps, 1)
         out = {"loss": _finite(loss_sum / max(count, 1)), "acc": 100 * correct / max(count, 1),
                "img_per_s": self.steps * self.global_batch / elapsed, "data_wait": min(1.0, self.data_wait / elapsed),
-               "grad_norm": _finite(norm_sum / steps), "seconds_per_step": elapsed / steps}
+               "grad_norm": _finite(norm_sum / max(self.steps - self.skipped, 1)), "seconds_per_step": elapsed / steps}
         if self.device.type == "cuda":
             out["mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.sums.zero_()
-        self.steps, self.data_wait, self.excluded, self.start = 0, 0.0, 0.0, time.perf_counter()
+        self.steps, self.skipped, self.data_wait, self.excluded, self.start = 0, 0, 0.0, 0.0, time.perf_counter()
         return out
 
 
@@ -90,10 +94,11 @@ class NonFiniteWatch:
         self.settings = settings
         self.first = torch.tensor([-1.0, 0.0, 0.0], device=settings.device)
 
-    def add(self, stats: torch.Tensor, step: int, count: int) -> None:
+    def add(self, stats: torch.Tensor, step: int) -> None:
         """Note this step's finiteness (device ops only)."""
         new = nonfinite(stats, self.settings) & (self.first[0] < 0)
-        seen = torch.stack([torch.full_like(stats[0], step), stats[STAT_LOSS_SUM] / count, stats[STAT_GRAD_NORM]])
+        seen = torch.stack([torch.full_like(stats[0], step), stats[STAT_LOSS_SUM] / stats[STAT_COUNT],
+                            stats[STAT_GRAD_NORM]])
         self.first = torch.where(new, seen, self.first)
 
     def check(self, env) -> dict | None:

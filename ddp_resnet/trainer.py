@@ -191,14 +191,17 @@ class Trainer:
                                                       channels_last=cfg.train.channels_last)
         self.bare = build.build_network(cfg, info, env)
         self.parts = build.build_step(cfg, info, env, self.bare, self.total_steps, self.steps_per_epoch,
-                                      note=lambda message: log(env, message))
+                                      self.total_epochs, note=lambda message: log(env, message))
         self.control = control if control is not None else distributed.control_group(env)
         self.ckpt_policy = ckpt.CheckpointPolicy(self.out / rundir.CHECKPOINTS, cfg.ckpt.keep)
         self.step = 0
         self.epoch_acc = torch.zeros(3, device=env.device)
         self.epoch_train_time = 0.0
         self.epoch_data_wait = 0.0
+        self.epoch_forward = 0.0  # seconds of forward passes read so far this epoch (with each interval)
         self.skipped_steps = 0
+        self.finite_at = -1  # the step at which every rank's steps were last found finite
+        self.compiled_sides: set[int] = set()  # training sides torch.compile has compiled
         self.best = {"metric": "test_acc", "value": None, "epoch": None, "history": []}
         self.last_good: tuple[Path, int] | None = None  # the newest checkpoint written or resumed from, and its step
         self.eval_seconds: list[float] = []
@@ -329,7 +332,7 @@ class Trainer:
 
     def check_finite(self) -> None:
         """Raise NonFiniteStop on every rank if any rank met a non-finite step (``nonfinite=stop``; a collective)."""
-        if self.watch is None:
+        if self.watch is None or self.finite_at == self.step:  # checked at this step already (same on every rank)
             return
         bad = self.watch.check(self.env)
         if bad is not None:
@@ -337,6 +340,7 @@ class Trainer:
                 f"non-finite training at step {bad['step']} (epoch {bad['step'] // self.steps_per_epoch + 1}, rank "
                 f"{bad['rank']}): loss {bad['loss']:.6g}, gradient norm {bad['grad_norm']:.6g}; stopped at step "
                 f"{self.step} without writing a checkpoint; {self._newest_good()}")
+        self.finite_at = self.step
 
     def _skipped(self, stats: torch.Tensor) -> None:
         """A step whose update every rank skipped (``nonfinite=skip``): count it, say so, stop beyond the limit."""
@@ -409,6 +413,7 @@ class Trainer:
         self.beat("the interval's metrics (the non-finite check gathers every rank's)")
         self.check_finite()
         values = meter.read()
+        self.epoch_forward += self.parts.stepper.timer.take()  # the read synchronized: no wait, few events kept
         record = {"step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch,
                   "images": self.step * self.cfg.data.batch_size, "lr": self.parts.scheduler.get_last_lr()[0],
                   **values, "time": time.time()}
@@ -416,7 +421,7 @@ class Trainer:
         eta_epoch, eta_run = self._eta(values["seconds_per_step"])
         log(self.env, monitor.progress_line(self, record, eta_epoch, eta_run))
 
-    def _end_epoch(self, epoch: int, writer: rundir.MetricsWriter, run_start: float) -> bool:
+    def _end_epoch(self, epoch: int, writer: rundir.MetricsWriter) -> bool:
         """Reduce train metrics, gather the ranks' timings, evaluate, log; True when this epoch is the best."""
         self.beat("the end of the epoch (metrics and timings are gathered from every rank)")
         self.check_finite()
@@ -427,16 +432,15 @@ class Trainer:
                   "epoch_time_s": self.epoch_train_time, "img_per_s": count / max(self.epoch_train_time, 1e-9)}
         if self.cfg.train.nonfinite == "skip":
             record["skipped_steps"] = self.skipped_steps
-        spread = monitor.rank_spread(self.env, self.control, self.epoch_data_wait, self.parts.stepper.timer.take())
+        self.epoch_forward += self.parts.stepper.timer.take()
+        spread = monitor.rank_spread(self.env, self.control, self.epoch_data_wait, self.epoch_forward)
         if spread is not None:
             for name in ("data_wait_s", "forward_s"):
                 record.update({f"rank_{name}_{k}": v for k, v in spread[f"rank_{name}"].items()})
             record["slowest_rank"] = spread["slowest_rank"]
         is_best = self._evaluate(epoch, record) if self._evaluates_after(epoch) else False
         writer.write(record)
-        elapsed = time.time() - run_start
-        done_frac = self.step / self.total_steps
-        eta = elapsed / max(done_frac, 1e-9) * (1 - done_frac) if self.step else 0
+        eta = self._eta(self.epoch_train_time / max(self.step - epoch * self.steps_per_epoch, 1))[1]
         test = (f" test_loss {record['test_loss']:.4f} test_acc {record['test_acc']:.2f}%"
                 if "test_acc" in record else "")
         ranks = ""
@@ -490,19 +494,23 @@ class Trainer:
         micro = [next(batches) for _ in range(self.accum)]
         waited = time.perf_counter() - tick
         self.beat("the training step (its DDP gradient all-reduce waits for every rank)")
-        compiling = self.parts.compiled == "on" and self.parts.calls == 0
-        if compiling:  # torch.compile's first step may take minutes without a collective to wait in
+        side = micro[0][0].shape[-1]
+        compiling = self.parts.compiled == "on" and side not in self.compiled_sides
+        if compiling:  # torch.compile's first step at each side may take minutes without a collective to wait in
             self.watchdog.pause()
         stats = self.parts(micro, self.step)
         if compiling:
             self.watchdog.pause(False)
-        self.epoch_acc += stats[:3]
-        meter.add(stats, waited)
+            self.compiled_sides.add(side)
         self.epoch_data_wait += waited
-        if self.watch is not None:
-            self.watch.add(stats, self.step, sum(labels.shape[0] for _, labels in micro))
+        skipped = self.parts.stepper.skipped
+        if not skipped:  # a skipped step's non-finite loss stays out of the epoch's and the interval's means
+            self.epoch_acc += stats[:3]
+            if self.watch is not None:
+                self.watch.add(stats, self.step)
+        meter.add(stats, waited, skipped)
         self.step += 1
-        if self.parts.stepper.skipped:
+        if skipped:
             self._skipped(stats)
         profiler.after_step(self.step)
         self._emit("on_step_end")
@@ -522,7 +530,7 @@ class Trainer:
             epoch_end = min((epoch + 1) * self.steps_per_epoch, self.total_steps)
             if pos == 0:
                 self.epoch_acc.zero_()
-                self.epoch_train_time = self.epoch_data_wait = 0.0
+                self.epoch_train_time = self.epoch_data_wait = self.epoch_forward = 0.0
             self.train_loader.set_epoch(epoch, start_batch=pos * self.accum)
             batches = iter(self.train_loader)
             self.bare.train()
@@ -548,7 +556,7 @@ class Trainer:
             del batches
             self.epoch_train_time += time.time() - tick
             ending = time.time()
-            is_best = self._end_epoch(epoch, writer, run_start)
+            is_best = self._end_epoch(epoch, writer)
             self.save(epoch_done=epoch if self.step % self.steps_per_epoch == 0 else None, is_best=is_best)
             meter.exclude(time.time() - ending)
             if stopping or (self.step >= budget_end and self.step < self.total_steps):

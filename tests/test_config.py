@@ -140,3 +140,9 @@ def test_resume_none_refuses_to_overwrite_an_existing_run(tmp_path):
     proc = run_train(out, "train.epochs=1", "ckpt.resume=none")
     assert proc.returncode == 2 and "already holds a run" in proc.stderr
     assert (out / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize("text, want", [("false", "false"), ("true", "true"), ("auto", "auto")])
+def test_a_literal_choice_spelled_like_a_yaml_bool_is_accepted(text, want):
+    """optim.fused=false reaches the loader as YAML's False: the choice 'false' is meant, not an error."""
+    assert config.load(None, [f"optim.fused={text}"]).optim.fused == want

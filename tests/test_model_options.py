@@ -26,6 +26,7 @@ def test_options_keep_keys_and_initial_weights(name):
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert isinstance(optioned.fc, DropoutLinear) and isinstance(optioned.fc, nn.Linear)
     assert all(not k.endswith("blur") for k in b)  # the filter is not saved
+    assert any(isinstance(m, BlurConv2d) for m in optioned.modules())  # every family gets anti-aliased downsampling
 
 
 def test_blurpool_wraps_ffcvs_convolutions_and_loads_torchvision_weights():

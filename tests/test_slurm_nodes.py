@@ -70,7 +70,7 @@ def test_a_requeued_two_node_job_resumes_exactly(reference, tmp_path, how):
     resumes from the newest checkpoint (here the first epoch's). Either way the job ends with the weights of the
     uninterrupted one."""
     out = tmp_path / how
-    res = launch(f"output_dir={out}", env={"DDP_RESNET_TEST_STEP_DELAY_S": "0.5"})
+    res = launch(f"output_dir={out}", env={"DDP_RESNET_TEST_STEP_DELAY_S": "1.0"})
     assert res.returncode == 0, res.stderr
     job_id, text = interrupt_once(res, out, how)
     assert "resumed from" in text, text

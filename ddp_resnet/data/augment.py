@@ -26,7 +26,7 @@ import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 
 from ddp_resnet.config import DataConfig
-from ddp_resnet.data.transforms import sample_keys, splitmix64
+from ddp_resnet.data.transforms import sample_keys, splitmix64, uniform_int
 
 # One stream constant per independent draw (more hexadecimal digits of pi, after transforms.py's).
 _BRIGHTNESS, _CONTRAST, _SATURATION = (np.uint64(0x082EFA98EC4E6C89), np.uint64(0x452821E638D01377),
@@ -43,11 +43,6 @@ def _unit(keys: np.ndarray, stream: np.uint64) -> np.ndarray:
     return (splitmix64(keys ^ stream) >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
-def _below(keys: np.ndarray, stream: np.uint64, high: int) -> np.ndarray:
-    """Integers in [0, high), one per key, on one stream."""
-    return (splitmix64(keys ^ stream) % np.uint64(high)).astype(np.int64)
-
-
 def jitter_factors(keys: np.ndarray, strength: float) -> np.ndarray:
     """``n x 3`` float64 brightness, contrast and saturation factors, uniform in [1 - s, 1 + s]."""
     units = np.stack([_unit(keys, s) for s in (_BRIGHTNESS, _CONTRAST, _SATURATION)], 1)
@@ -56,8 +51,8 @@ def jitter_factors(keys: np.ndarray, strength: float) -> np.ndarray:
 
 def cutout_boxes(keys: np.ndarray, height: int, width: int, side: int) -> np.ndarray:
     """``n x 4`` int64 ``(y0, y1, x0, x1)``: a ``side`` square centred uniformly in the image, clipped to it."""
-    y0 = _below(keys, _CUTOUT_Y, height) - side // 2
-    x0 = _below(keys, _CUTOUT_X, width) - side // 2
+    y0 = uniform_int(keys, _CUTOUT_Y, height) - side // 2
+    x0 = uniform_int(keys, _CUTOUT_X, width) - side // 2
     return np.stack([y0.clip(0, height), (y0 + side).clip(0, height), x0.clip(0, width), (x0 + side).clip(0, width)], 1)
 
 

@@ -58,7 +58,7 @@ def sample_keys(seed: int, epoch: int, indices: np.ndarray | Sequence[int] | int
     return splitmix64(base ^ idx)
 
 
-def _uniform_int(keys: np.ndarray, stream: np.uint64, high: int) -> np.ndarray:
+def uniform_int(keys: np.ndarray, stream: np.uint64, high: int) -> np.ndarray:
     """Integers in [0, high) from keys (the modulo bias is < high / 2**64, i.e. negligible)."""
     return (splitmix64(keys ^ stream) % np.uint64(high)).astype(np.int64)
 
@@ -72,8 +72,8 @@ def crop_flip_params(
     no sample is flipped.
     """
     keys = sample_keys(seed, epoch, indices)
-    dy = _uniform_int(keys, _STREAM_DY, max_offset + 1)
-    dx = _uniform_int(keys, _STREAM_DX, max_offset + 1)
+    dy = uniform_int(keys, _STREAM_DY, max_offset + 1)
+    dx = uniform_int(keys, _STREAM_DX, max_offset + 1)
     flips = (splitmix64(keys ^ _STREAM_FLIP) >> np.uint64(63)).astype(bool) if flip else np.zeros(len(keys), bool)
     return torch.from_numpy(dy), torch.from_numpy(dx), torch.from_numpy(flips)
 
