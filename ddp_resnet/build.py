@@ -4,17 +4,15 @@
   micro-batch;
 * ``resolve_stem``, ``build_network`` (model, fine-tuning preparation, then ``place``: SyncBatchNorm and memory
   format on the device), ``network_from_weights`` (a checkpoint's or an export's weights in the config's network);
-* ``wrap_ddp`` and ``build_step``: optimizer, schedule, GradScaler, EMA, DDP, torch.compile and the engine's
-  ``Stepper`` as one ``Step``, whose first call falls back to eager when compiling fails.
+* ``wrap_ddp`` and ``build_step``: optimizer, schedule, GradScaler, EMA, DDP and torch.compile in the engine's
+  ``TrainStep``, whose first call falls back to eager (re-wrapped by ``wrap_ddp``) when compiling fails.
 """
 from __future__ import annotations
 
-import gc
 import inspect
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp_resnet import checkpoint as ckpt
 from ddp_resnet.config import Config, ConfigError
-from ddp_resnet.engine import Stepper, StepSettings
+from ddp_resnet.engine import StepSettings, TrainStep, first_line
 from ddp_resnet.models import build_model, is_cifar_only
 from ddp_resnet.optim import ModelEma, build_optimizer, build_scheduler
 from ddp_resnet.syncbn import convert_sync_batchnorm
@@ -139,56 +137,6 @@ def settle_buckets(ddp: DDP, bare: nn.Module, image_size: int, device: torch.dev
         param.grad = None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
-
-
-@dataclass
-class Step:
-    """One training step as train and bench run it: modules, optimizer, schedule, scaler, EMA, Stepper.
-
-    ``compiled`` is off | on | fallback. Calling it runs ``Stepper.step``; when the very first call of a
-    compiled model fails (compile errors surface there), the compiled graphs are dropped, the model is wrapped
-    again eagerly and the step retried, with a one-line note.
-    """
-
-    cfg: Config
-    env: object
-    bare: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    scaler: torch.amp.GradScaler
-    ema: ModelEma | None
-    stepper: Stepper
-    note: Callable[[str], None] = print
-    compiled: str = "off"
-    image_size: int = 64  # the side of the blank images that settle DDP's buckets
-    calls: int = 0
-
-    def __call__(self, micro_batches: list, step: int) -> torch.Tensor:
-        self.calls += 1
-        if self.calls > 1 or self.compiled != "on":
-            return self.stepper.step(micro_batches, step)
-        try:
-            return self.stepper.step(micro_batches, step)
-        except Exception as exc:  # noqa: BLE001 - any compile failure means: run eagerly
-            self.fall_back_to_eager(exc)
-            return self.stepper.step(micro_batches, step)
-
-    def fall_back_to_eager(self, exc: BaseException) -> None:
-        """Drop the compiled graphs (and a DDP wrapper that saw a half step) and continue eagerly."""
-        self.note(f"note: torch.compile failed in the first step ({_first_line(exc)}); falling back to eager")
-        import torch._dynamo
-
-        self.stepper.model = self.stepper.ddp = None
-        torch._dynamo.reset()
-        gc.collect()  # a discarded DDP's reducer removes its gradient hooks when it is freed
-        ddp = wrap_ddp(self.bare, self.cfg, self.env, self.image_size)
-        self.stepper.model, self.stepper.ddp = ddp or self.bare, ddp
-        self.compiled = "fallback"
-
-
 def steps_per_epoch(cfg: Config, info, world_size: int) -> int:
     """Optimizer steps per epoch: each rank's whole micro-batches of its shard, grouped by accumulation (what
     every training loader yields)."""
@@ -220,8 +168,8 @@ def compile_options(cfg: Config, total_epochs: int) -> dict:
 
 
 def build_step(cfg: Config, info, env, bare: nn.Module, total_steps: int, steps_per_epoch: int, total_epochs: int,
-               note: Callable[[str], None] = print) -> Step:
-    """Optimizer, scheduler, scaler, EMA, DDP, torch.compile and the Stepper around ``bare``."""
+               note: Callable[[str], None] = print) -> TrainStep:
+    """The ``engine.TrainStep`` around ``bare``: optimizer, scheduler, scaler, EMA, DDP and torch.compile."""
     optimizer = build_optimizer(bare, cfg, env.device)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps, steps_per_epoch)
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.train.amp == "fp16")
@@ -231,14 +179,14 @@ def build_step(cfg: Config, info, env, bare: nn.Module, total_steps: int, steps_
     compiled = "off"
     if cfg.train.compile:
         try:
-            model = torch.compile(model, **compile_options(cfg, total_epochs))
+            model = torch.compile(model, backend=cfg.train.compile_backend, **compile_options(cfg, total_epochs))
             compiled = "on"
         except Exception as exc:  # noqa: BLE001 - any compile failure means: run eagerly
-            note(f"note: torch.compile failed ({_first_line(exc)}); falling back to eager")
+            note(f"note: torch.compile failed ({first_line(exc)}); falling back to eager")
             compiled = "fallback"
     settings = StepSettings(device=env.device, amp=cfg.train.amp, label_smoothing=cfg.train.label_smoothing,
                             clip_grad_norm=cfg.optim.clip_grad_norm, num_classes=info.num_classes,
                             mixup_alpha=cfg.data.mixup_alpha, cutmix_alpha=cfg.data.cutmix_alpha,
                             seed=cfg.train.seed, rank=env.rank, skip_nonfinite=cfg.train.nonfinite == "skip")
-    stepper = Stepper(model, optimizer, scheduler, scaler, settings, ema=ema, bare_model=bare, ddp=ddp)
-    return Step(cfg, env, bare, optimizer, scheduler, scaler, ema, stepper, note, compiled, info.image_size)
+    return TrainStep(bare, optimizer, scheduler, scaler, settings, ema=ema, model=model, ddp=ddp, compiled=compiled,
+                     rewrap=lambda: wrap_ddp(bare, cfg, env, info.image_size), note=note)

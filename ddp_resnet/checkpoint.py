@@ -20,8 +20,12 @@ import numpy as np
 import torch
 
 import ddp_resnet
+from ddp_resnet import exitcodes
 
 EPOCH_FILE = re.compile(r"epoch_(\d+)\.pt$")
+# The checkpoint schema's version (``state.training_payload`` writes it). 1: files written before the field
+# existed (the same keys, without "format" and "class_names"); they load as they are.
+FORMAT = 2
 
 
 class CheckpointError(RuntimeError):
@@ -31,7 +35,7 @@ class CheckpointError(RuntimeError):
 class CheckpointWriteError(CheckpointError):
     """A checkpoint that could not be written (no space, I/O error, quota), described in one line."""
 
-    exit_code = 74  # sysexits' EX_IOERR: the environment failed, not the run
+    exit_code = exitcodes.IO_ERROR  # the environment failed, not the run
 
 
 def _os_error(exc: BaseException) -> OSError | None:
@@ -151,11 +155,20 @@ def _read(path: str | Path, map_location) -> object:
                               f"{text.splitlines()[0][:160] if text else ''})") from None
 
 
+def check_format(payload: dict, path: str | Path) -> None:
+    """Refuse a checkpoint of a newer schema than this version reads, in one line naming both."""
+    written = payload.get("format", 1)
+    if not isinstance(written, int) or not 1 <= written <= FORMAT:
+        raise CheckpointError(f"checkpoint {path} has format {written!r}; this ddp_resnet "
+                              f"({ddp_resnet.__version__}) reads formats 1 to {FORMAT}: use a newer ddp_resnet")
+
+
 def load(path: str | Path, map_location: torch.device | str = "cpu") -> dict:
     """Load a training checkpoint with weights_only=True; raise CheckpointError (one line) if it cannot be used."""
     payload = _read(path, map_location)
     if not isinstance(payload, dict) or "model" not in payload:
         raise CheckpointError(f"checkpoint {path} is not a ddp_resnet checkpoint (no 'model' entry)")
+    check_format(payload, path)
     return payload
 
 
@@ -184,14 +197,87 @@ def load_latest_valid(ckpt_dir: str | Path, map_location="cpu", warn=print) -> t
 
 def read_weights(path: str | Path) -> dict:
     """A training checkpoint's payload, or ``{"model": state_dict}`` for a plain weights file (an export, a
-    torchvision ``.pth``): the one reader that evaluation and fine-tuning share. ``module.`` / ``_orig_mod.``
-    prefixes of wrapped models are removed."""
+    torchvision ``.pth``). ``module.`` / ``_orig_mod.`` prefixes of wrapped models are removed. Tools read it
+    through ``open_checkpoint`` (typed); this is the dict underneath."""
     payload = _read(path, "cpu")
     if isinstance(payload, dict) and isinstance(payload.get("model"), dict):
+        check_format(payload, path)
         return payload
     if isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
         return {"model": {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in payload.items()}}
     raise CheckpointError(f"checkpoint {path} is neither a ddp_resnet checkpoint nor a state_dict of tensors")
+
+
+class Saved:
+    """A checkpoint opened for use (evaluate, export, report, fine-tuning): typed readers over its payload.
+
+    A plain weights file (an export, a torchvision ``.pth``) opens too: it has weights and nothing else.
+    """
+
+    def __init__(self, path: str | Path, payload: dict):
+        self.path, self.payload = Path(path), payload
+
+    @property
+    def format(self) -> int:
+        """The schema version it was written with (1 for files older than the field; 0 for plain weights)."""
+        return int(self.payload.get("format", 1 if "step" in self.payload else 0))
+
+    def weights(self, ema: bool = False) -> dict:
+        """The model's state_dict, or the EMA's (refused in one line when the run kept none)."""
+        if not ema:
+            return self.payload["model"]
+        if self.payload.get("ema") is None:
+            raise CheckpointError(f"checkpoint {self.path} has no EMA weights (optim.ema_decay was 0)")
+        return self.payload["ema"]
+
+    @property
+    def config(self) -> dict | None:
+        """The resolved config of the run that wrote it (None for plain weights)."""
+        config = self.payload.get("config")
+        return config if isinstance(config, dict) else None
+
+    def config_for_use(self) -> dict | None:
+        """The saved config as a base for using the trained weights: without its fine-tuning source (the
+        checkpoint holds the trained weights) and without the training run's resume setting."""
+        if self.config is None:
+            return None
+        tree = {section: dict(values) if isinstance(values, dict) else values for section, values in
+                self.config.items()}
+        tree.setdefault("finetune", {}).update(checkpoint="", freeze="none")
+        tree.setdefault("ckpt", {}).update(resume="none")
+        return tree
+
+    @property
+    def manifest(self) -> dict:
+        """Where and with what it was written ({} for plain weights)."""
+        return self.payload.get("manifest") or {}
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The class names the run trained on (None for older checkpoints and plain weights)."""
+        names = self.payload.get("class_names")
+        return list(names) if names else None
+
+    @property
+    def step(self) -> int | None:
+        """Optimizer steps done when it was written (None for plain weights)."""
+        return self.payload.get("step")
+
+    @property
+    def epoch(self) -> int | None:
+        """The epoch of its step, 0-based (None for plain weights)."""
+        return self.payload.get("epoch")
+
+    def where(self) -> str:
+        """Where in its training run it was written ("weights file" for plain weights)."""
+        if self.step is not None and self.payload.get("steps_per_epoch"):
+            return f"step {self.step}, epoch {self.step / self.payload['steps_per_epoch']:.2f}"
+        return "weights file"
+
+
+def open_checkpoint(path: str | Path) -> Saved:
+    """Open a training checkpoint or a plain weights file (``read_weights``), typed."""
+    return Saved(path, read_weights(path))
 
 
 def check_compatible(payload: dict, model_name: str, num_classes: int, path: str | Path) -> None:

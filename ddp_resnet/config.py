@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
+from ddp_resnet.pipelines import PIPELINES, resolve_augment
+
 
 class ConfigError(ValueError):
     """A configuration problem, described in one line (every rank meets the same one: rank 0 prints it)."""
@@ -47,6 +49,9 @@ def yaml_load(text: str):
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
 
 
+WorkerCount = typing.Union[int, Literal["auto"]]  # a number, or a word chosen for the machine
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "resnet18"  # any name from ddp_resnet.models.list_models()
@@ -66,7 +71,8 @@ class DataConfig:
     eval_batch_size: int = 0  # global eval batch; 0 = 2 x batch_size
     loader: Literal["auto", "dataloader", "gpu"] = "auto"  # auto: gpu (device-resident uint8 data) for cifar/synthetic
     #   on CUDA, else dataloader (worker processes)
-    workers: int = 4  # DataLoader worker processes per rank
+    workers: WorkerCount = "auto"  # DataLoader worker processes per rank; auto: the node's cores shared by its
+    #   ranks, less one for the rank itself, at most 16 (0, loading in the main process, on a core or less per rank)
     decode: Literal["workers", "device"] = "workers"  # imagefolder: workers (PIL decodes in DataLoader workers) or
     #   device (workers read the files; JPEGs are decoded in batches on the training device, nvJPEG on CUDA)
     pin_memory: bool = True  # pinned host memory for DataLoader batches (CUDA only)
@@ -139,6 +145,8 @@ class TrainConfig:
     amp: Literal["none", "bf16", "fp16"] = "none"  # fp16 uses a GradScaler
     channels_last: bool = False  # NHWC memory format for model and inputs
     compile: bool = False  # torch.compile the model
+    compile_backend: str = "inductor"  # torch.compile's backend: inductor (generated kernels), or e.g. aot_eager
+    #   (graph capture and AOTAutograd without code generation: compiles in seconds, e.g. to test on a small CPU)
     sync_bn: bool = False  # synchronize BatchNorm statistics across ranks
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     eval_every: int = 1  # evaluate every N epochs (and always after the last)
@@ -197,6 +205,15 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(key: str, value: Any, tp: Any, default: Any) -> Any:
     """Convert a YAML/CLI value to the field's type, or raise ConfigError naming the key."""
+    if typing.get_origin(tp) is typing.Union:  # e.g. WorkerCount: its words first, then the number
+        words = [a for a in typing.get_args(tp) if typing.get_origin(a) is Literal]
+        allowed = [w for a in words for w in typing.get_args(a)]
+        if isinstance(value, str) and value in allowed:
+            return value
+        try:
+            return _coerce(key, value, int, None)
+        except ConfigError:
+            raise ConfigError(f"{key}: expected an integer or one of {', '.join(allowed)}, got {value!r}") from None
     if typing.get_origin(tp) is Literal:
         allowed = typing.get_args(tp)
         if isinstance(value, bool):  # YAML reads a bare true/false (e.g. optim.fused=false) as a bool
@@ -392,37 +409,21 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     d, o, t = cfg.data, cfg.optim, cfg.train
     _positive("data.batch_size", d.batch_size)
     _positive("data.eval_batch_size", d.eval_batch_size, allow_zero=True)
-    _positive("data.workers", d.workers, allow_zero=True)
+    if d.workers != "auto":
+        _positive("data.workers", d.workers, allow_zero=True)
     _positive("data.image_size", d.image_size, allow_zero=True)
     _positive("data.crop_padding", d.crop_padding, allow_zero=True)
     _positive("data.mixup_alpha", d.mixup_alpha, allow_zero=True)
     _positive("data.cutmix_alpha", d.cutmix_alpha, allow_zero=True)
     for key in ("synthetic_train_size", "synthetic_test_size", "synthetic_classes", "synthetic_image_size"):
         _positive(f"data.{key}", getattr(d, key))
-    if d.decode == "device" and d.dataset != "imagefolder":
-        raise ConfigError(f"data.decode: device decodes image files, so it needs data.dataset=imagefolder, "
-                          f"not {d.dataset}; use workers")
     if d.synthetic_classes < 2:
         raise ConfigError(f"data.synthetic_classes: need at least 2 classes, got {d.synthetic_classes}")
     _validate_augment(d)
     _validate_resolution(d, t)
     if not 0 <= cfg.model.head_dropout < 1:
         raise ConfigError(f"model.head_dropout: must be in [0, 1), got {cfg.model.head_dropout}")
-    _positive("optim.cycle_period", o.cycle_period)
-    _positive("optim.lr", o.lr)
-    _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
-    _positive("optim.momentum", o.momentum, allow_zero=True)
-    _positive("optim.accum_steps", o.accum_steps)
-    _positive("optim.clip_grad_norm", o.clip_grad_norm, allow_zero=True)
-    _positive("optim.warmup_epochs", o.warmup_epochs, allow_zero=True)
-    if not 0 <= o.ema_decay < 1:
-        raise ConfigError(f"optim.ema_decay: must be in [0, 1), got {o.ema_decay}")
-    if o.schedule == "multistep" and not o.milestones:
-        raise ConfigError("optim.milestones: the multistep schedule needs at least one milestone")
-    if list(o.milestones) != sorted(o.milestones):
-        raise ConfigError(f"optim.milestones: must be increasing, got {list(o.milestones)}")
-    if len(o.betas) != 2:
-        raise ConfigError(f"optim.betas: expected two numbers, got {list(o.betas)}")
+    _validate_optim(o)
     if not 0 <= t.label_smoothing < 1:
         raise ConfigError(f"train.label_smoothing: must be in [0, 1), got {t.label_smoothing}")
     if t.epochs <= 0 and t.max_steps <= 0:
@@ -451,6 +452,25 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         validate_world(cfg, world_size)
 
 
+def _validate_optim(o: OptimConfig) -> None:
+    """The optimizer and schedule keys."""
+    _positive("optim.cycle_period", o.cycle_period)
+    _positive("optim.lr", o.lr)
+    _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
+    _positive("optim.momentum", o.momentum, allow_zero=True)
+    _positive("optim.accum_steps", o.accum_steps)
+    _positive("optim.clip_grad_norm", o.clip_grad_norm, allow_zero=True)
+    _positive("optim.warmup_epochs", o.warmup_epochs, allow_zero=True)
+    if not 0 <= o.ema_decay < 1:
+        raise ConfigError(f"optim.ema_decay: must be in [0, 1), got {o.ema_decay}")
+    if o.schedule == "multistep" and not o.milestones:
+        raise ConfigError("optim.milestones: the multistep schedule needs at least one milestone")
+    if list(o.milestones) != sorted(o.milestones):
+        raise ConfigError(f"optim.milestones: must be increasing, got {list(o.milestones)}")
+    if len(o.betas) != 2:
+        raise ConfigError(f"optim.betas: expected two numbers, got {list(o.betas)}")
+
+
 def _in_range(key: str, value: float, low: float, high: float, closed: bool = True) -> None:
     if not (low <= value <= high if closed else low <= value < high):
         raise ConfigError(f"{key}: must be in [{low}, {high}{']' if closed else ')'}, got {value}")
@@ -467,11 +487,10 @@ def _validate_augment(d: DataConfig) -> None:
     _in_range("data.scale_jitter", d.scale_jitter, 0, 1, closed=False)
     _positive("data.repeated_aug", d.repeated_aug)
     _positive("data.eval_size", d.eval_size, allow_zero=True)
-    if d.decode == "device" and (d.auto_augment != "none" or d.random_erasing or d.cutout or d.color_jitter
-                                 or d.rotate_degrees or d.scale_jitter):
-        raise ConfigError("data.decode: device decoding applies crop, flip and random-resized crop only; for "
-                          "data.auto_augment, random_erasing, cutout, color_jitter, rotate_degrees or scale_jitter "
-                          "use data.decode=workers")
+    if d.decode == "device":
+        refusal = PIPELINES["device_decode"].refusal(d, resolve_augment(d.dataset, d.augment))
+        if refusal:
+            raise ConfigError(refusal)
 
 
 def _validate_resolution(d: DataConfig, t: TrainConfig) -> None:
@@ -501,3 +520,84 @@ def validate_world(cfg: Config, world_size: int) -> None:
     eval_batch = cfg.data.eval_batch_size or 2 * cfg.data.batch_size
     if eval_batch < world_size:
         raise ConfigError(f"data.eval_batch_size: {eval_batch} is smaller than world size {world_size}")
+
+
+# ----------------------------------------------------------------------------------------------- discovery
+def _field_docs(cls: type) -> dict[str, str]:
+    """Each field's comment in the class's source (``name: type = default  # doc``, and ``#   more`` lines)."""
+    import inspect
+
+    docs: dict[str, str] = {}
+    name = None
+    for line in inspect.getsource(cls).splitlines():
+        field_line = re.match(r"\s+(\w+): [^=]+=.*?(?:  # (.*))?$", line)
+        more = re.match(r"\s+#\s+(.*)$", line)
+        if field_line:
+            name = field_line.group(1)
+            docs[name] = (field_line.group(2) or "").strip()
+        elif more and name:
+            docs[name] = f"{docs[name]} {more.group(1).strip()}".strip()
+    return docs
+
+
+def keys(cls: type = Config, prefix: str = "") -> list[dict]:
+    """Every key: ``{key, type, default, choices, doc}``, in declaration order (``python -m ddp_resnet.config
+    --keys``)."""
+    hints, docs, rows = typing.get_type_hints(cls), _field_docs(cls), []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += keys(tp, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        args = typing.get_args(tp)
+        if typing.get_origin(tp) is Literal:
+            kind, options = "choice", list(args)
+        elif typing.get_origin(tp) is typing.Union:
+            kind = " | ".join(_type_name(a) if typing.get_origin(a) is not Literal else "/".join(typing.get_args(a))
+                              for a in args)
+            options = []
+        else:
+            kind, options = _type_name(tp), []
+        rows.append({"key": f"{prefix}{f.name}", "type": kind, "default": default, "choices": options,
+                     "doc": docs.get(f.name, "")})
+    return rows
+
+
+def format_keys(rows: list[dict]) -> str:
+    """The ``--keys`` listing: one line per key (type, default, choices), its documentation below it."""
+    lines = []
+    for row in rows:
+        choices = f"  choices: {', '.join(row['choices'])}" if row["choices"] else ""
+        default = "''" if row["default"] == "" else row["default"]
+        lines.append(f"{row['key']}  ({row['type']}, default {default}){choices}")
+        if row["doc"]:
+            lines.append(f"    {row['doc']}")
+    return "\n".join(lines)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m ddp_resnet.config [--config X] [overrides] [--keys]``: the resolved config as YAML, or every key
+    with its type, default, choices and documentation."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m ddp_resnet.config", description=cli.__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML recipe (see configs/)")
+    parser.add_argument("--keys", action="store_true", help="list every key with its type, default and choices")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.2")
+    args = parser.parse_args(argv)
+    if args.keys:
+        print(format_keys(keys()))
+        return 0
+    try:
+        cfg = load(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ddp_resnet import exitcodes
 from ddp_resnet.config import ConfigError, RankError
 
 COLLECTIVE_GRACE_S = 30
@@ -55,6 +56,7 @@ class DistEnv:
     device: torch.device
     backend: str  # "" when no process group exists
     launcher: str
+    local_world_size: int = 1  # processes on this node (they share its CPU cores)
 
     @property
     def is_main(self) -> bool:
@@ -227,7 +229,8 @@ def init(device: str = "auto", backend: str = "auto", timeout_s: int = 300,
     else:
         kwargs["init_method"] = "env://"
     dist.init_process_group(chosen, rank=launch.rank, world_size=launch.world_size, timeout=timeout, **kwargs)
-    return DistEnv(launch.rank, launch.world_size, launch.local_rank, dev, chosen, launch.launcher)
+    return DistEnv(launch.rank, launch.world_size, launch.local_rank, dev, chosen, launch.launcher,
+                   launch.local_world_size)
 
 
 def guarded(work: Callable[[], int], rank: int, what: str, usage_errors: tuple) -> int:
@@ -243,17 +246,17 @@ def guarded(work: Callable[[], int], rank: int, what: str, usage_errors: tuple) 
         return work()
     except RankError as exc:
         print(f"error: [rank {rank}] {exc}", file=sys.stderr, flush=True)
-        code = 2
+        code = exitcodes.USAGE
     except usage_errors as exc:
         if rank == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
-        code = getattr(exc, "exit_code", 2)
+        code = getattr(exc, "exit_code", exitcodes.USAGE)
     except OSError as exc:  # the environment (a disk, a mount) failed, not the run
         print(f"error: [rank {rank}] {exc}", file=sys.stderr, flush=True)
-        code = 74
+        code = exitcodes.IO_ERROR
     except BaseException:
         print(f"[rank {rank}] {what} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
-        code = 1
+        code = exitcodes.FAILED
     if dist.is_available() and dist.is_initialized():
         sys.stdout.flush()
         os._exit(code)
@@ -324,6 +327,16 @@ def broadcast_object(obj, env: DistEnv, src: int = 0, group=None):
     return box[0]
 
 
+def gather_to_rank0(obj, env: DistEnv) -> list | None:
+    """Every rank's picklable object, in rank order, on rank 0 (None elsewhere); ``[obj]`` without a process
+    group. A collective: call on every rank."""
+    if not env.distributed:
+        return [obj]
+    out = [None] * env.world_size if env.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def control_group(env: DistEnv):
     """A gloo group for host-side agreement (stop flags, RNG states, checkpoint outcomes): CPU tensors, so it
     never synchronizes a GPU (the world group itself under gloo; None without a process group)."""
@@ -383,3 +396,53 @@ def format_ranks(rows: list[dict]) -> str:
     table += [(str(r["rank"]), str(r["local_rank"]), r["host"], r["device"], str(r["pid"])) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(5)]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+
+
+class StopFlag:
+    """Records SIGTERM/SIGUSR2; ranks agree on stopping with a collective at a step boundary.
+
+    With several processes the agreement is pipelined: each step boundary starts an asynchronous all-reduce of
+    the local flags (on the CPU gloo control group) and reads the one started a step earlier, so the step never
+    waits for a network round trip. Every rank reads the same round, so all stop at the same step, one step
+    after the signal's round was sent.
+    """
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+        self._pending = None
+        self._votes = torch.zeros(1)
+        for sig in STOP_SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals cannot be caught here
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def restore(self) -> None:
+        """Put back the handlers that were installed before."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self, env, group) -> bool:
+        """True on every rank, at the same step, once any rank got a stop signal (a collective)."""
+        if not env.distributed:
+            return self.signum != 0
+        decided = False
+        if self._pending is not None:
+            self._pending.wait()
+            decided = bool(self._votes.item() > 0)
+        self._votes = torch.tensor([float(self.signum != 0)])
+        self._pending = dist.all_reduce(self._votes, group=group, async_op=True)
+        return decided
+
+    def drain(self) -> None:
+        """Complete the round in flight (every rank started it) before the group is used for other work."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.wait()

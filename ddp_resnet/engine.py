@@ -8,7 +8,9 @@ sync and no host->device copy (with fp16, GradScaler's inf check syncs unless th
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -44,9 +46,41 @@ class StepSettings:
     skip_nonfinite: bool = False  # train.nonfinite=skip: agree across ranks before the update, skip it if bad
 
 
-# What Stepper.step returns, one device tensor: the sums over the step's micro-batches and the global gradient norm
-# (after DDP's all-reduce, unscaled, before clipping).
-STAT_LOSS_SUM, STAT_CORRECT, STAT_COUNT, STAT_GRAD_NORM = range(4)
+class StepStats:
+    """A step's statistics, named, kept on the device as one tensor (no host read until ``read()``).
+
+    ``loss_sum`` and ``correct`` are sums over the step's images, ``count`` the images, ``grad_norm`` the global
+    gradient norm (after DDP's all-reduce, unscaled, before clipping). Sums of several steps (``+=``) keep the
+    layout; their ``grad_norm`` is then a sum of norms.
+    """
+
+    FIELDS = ("loss_sum", "correct", "count", "grad_norm")
+    __slots__ = ("values",)
+
+    def __init__(self, values: torch.Tensor):
+        self.values = values
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> StepStats:
+        """All-zero statistics (an accumulator) on the device."""
+        return cls(torch.zeros(len(cls.FIELDS), device=device))
+
+    loss_sum = property(lambda self: self.values[0], doc="sum of the per-image losses")
+    correct = property(lambda self: self.values[1], doc="top-1 hits")
+    count = property(lambda self: self.values[2], doc="images")
+    grad_norm = property(lambda self: self.values[3], doc="global gradient norm (summed over steps)")
+
+    def __iadd__(self, other: StepStats) -> StepStats:
+        self.values += other.values
+        return self
+
+    def zero_(self) -> None:
+        """Reset in place (an accumulator)."""
+        self.values.zero_()
+
+    def read(self) -> dict[str, float]:
+        """The values on the host (one device->host copy)."""
+        return dict(zip(self.FIELDS, self.values.tolist()))
 
 
 class ForwardTimer:
@@ -93,22 +127,53 @@ def gradient_norm(parameters, clip: float) -> torch.Tensor:
     return torch.nn.utils.get_total_norm([p.grad for p in params])
 
 
-class Stepper:
-    """Runs one optimizer step over a list of micro-batches and returns its metrics as a device tensor."""
+class TrainStep:
+    """The training step and everything it updates: the modules, optimizer, schedule, scaler and EMA, the
+    forward timer, the skip decision and the fallback from torch.compile to eager.
 
-    def __init__(self, model: nn.Module, optimizer, scheduler, scaler, settings: StepSettings, ema=None,
-                 bare_model: nn.Module | None = None, ddp: DDP | None = None):
-        self.model = model  # what is called: possibly compiled and/or DDP-wrapped
-        self.ddp = ddp  # the DDP wrapper (for no_sync), if any
-        self.bare = bare_model if bare_model is not None else model
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.scaler = scaler
+    ``model`` is what is called (the bare module, or it DDP-wrapped and/or compiled), ``ddp`` the DDP wrapper (for
+    ``no_sync``), ``bare`` the module whose weights are trained and saved. ``compiled`` is off | on | fallback: when
+    the very first call of a compiled model fails (compile errors surface there), the compiled graphs are dropped,
+    ``rewrap()`` (the builder's DDP wrapper, passed in so this module does not import the builder) wraps the bare
+    module again, the step is retried eagerly and ``note`` says so in one line.
+    """
+
+    def __init__(self, bare: nn.Module, optimizer, scheduler, scaler, settings: StepSettings, ema=None,
+                 model: nn.Module | None = None, ddp: DDP | None = None, compiled: str = "off",
+                 rewrap: Callable[[], DDP | None] | None = None, note: Callable[[str], None] = print):
+        self.bare = bare
+        self.model = model if model is not None else (ddp or bare)
+        self.ddp = ddp
+        self.optimizer, self.scheduler, self.scaler, self.ema = optimizer, scheduler, scaler, ema
         self.settings = settings
-        self.ema = ema
+        self.compiled, self.rewrap, self.note = compiled, rewrap, note
         self.mixing = settings.mixup_alpha > 0 or settings.cutmix_alpha > 0
         self.timer = ForwardTimer(settings.device)
         self.skipped = False  # whether the last step's update was skipped (train.nonfinite=skip)
+        self.calls = 0
+
+    def __call__(self, micro_batches: list, step: int) -> StepStats:
+        """Forward/backward every micro-batch, then one optimizer step (see ``run``), with the compile fallback."""
+        self.calls += 1
+        if self.calls > 1 or self.compiled != "on":
+            return self.run(micro_batches, step)
+        try:
+            return self.run(micro_batches, step)
+        except Exception as exc:  # noqa: BLE001 - any compile failure means: run eagerly
+            self.fall_back_to_eager(exc)
+            return self.run(micro_batches, step)
+
+    def fall_back_to_eager(self, exc: BaseException) -> None:
+        """Drop the compiled graphs (and a DDP wrapper that saw a half step) and continue eagerly."""
+        self.note(f"note: torch.compile failed in the first step ({first_line(exc)}); falling back to eager")
+        import torch._dynamo
+
+        self.model = self.ddp = None
+        torch._dynamo.reset()
+        gc.collect()  # a discarded DDP's reducer removes its gradient hooks when it is freed
+        ddp = self.rewrap() if self.rewrap is not None else None
+        self.model, self.ddp = ddp or self.bare, ddp
+        self.compiled = "fallback"
 
     def _targets(self, images, labels, step: int, micro: int):
         s = self.settings
@@ -119,17 +184,9 @@ class Stepper:
                                 label_smoothing=s.label_smoothing)
         return mixed, (labels if soft is None else soft)
 
-    def step(self, micro_batches: list, step: int) -> torch.Tensor:
-        """Forward/backward every micro-batch, then one optimizer step. Returns the ``STAT_*`` sums.
-
-        No host synchronization, except with ``skip_nonfinite``: then the ranks agree on the step's finiteness
-        before the update (one read per step), and a bad step leaves weights, optimizer, BatchNorm buffers and
-        EMA as they were (the scheduler still advances: the step is counted).
-        """
+    def _forward_backward(self, micro_batches: list, step: int, stats: torch.Tensor) -> None:
+        """Every micro-batch's forward and backward (gradients all-reduced with the last), summed into ``stats``."""
         s = self.settings
-        stats = torch.zeros(4, device=s.device)
-        self.optimizer.zero_grad(set_to_none=True)
-        buffers = [b.detach().clone() for b in self.bare.buffers()] if s.skip_nonfinite else None
         n = len(micro_batches)
         total = 0
         for i, (images, labels) in enumerate(micro_batches):
@@ -150,9 +207,22 @@ class Stepper:
                 stats[:2] += torch.stack([loss.detach().float() * count, (logits.argmax(1) == labels).sum().float()])
         # The count is known on the host: a scalar kernel argument, never a host->device copy (on CUDA a copy
         # from pageable memory would synchronize the stream once per micro-batch).
-        stats[STAT_COUNT] += total
+        stats[2] += total
+
+    def run(self, micro_batches: list, step: int) -> StepStats:
+        """One optimizer step over the micro-batches; returns its ``StepStats``.
+
+        No host synchronization, except with ``skip_nonfinite``: then the ranks agree on the step's finiteness
+        before the update (one read per step), and a bad step leaves weights, optimizer, BatchNorm buffers and
+        EMA as they were (the scheduler still advances: the step is counted).
+        """
+        s = self.settings
+        stats = StepStats.zeros(s.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        buffers = [b.detach().clone() for b in self.bare.buffers()] if s.skip_nonfinite else None
+        self._forward_backward(micro_batches, step, stats.values)
         self.scaler.unscale_(self.optimizer)  # no-op without fp16; the norm is of the true gradients
-        stats[STAT_GRAD_NORM] += gradient_norm(self.bare.parameters(), s.clip_grad_norm).float()
+        stats.values[3] += gradient_norm(self.bare.parameters(), s.clip_grad_norm).float()
         self.skipped = buffers is not None and self._agree_bad(stats)
         if self.skipped:
             for buf, saved in zip(self.bare.buffers(), buffers):
@@ -166,19 +236,25 @@ class Stepper:
             self.ema.update(self.bare)
         return stats
 
-    def _agree_bad(self, stats: torch.Tensor) -> bool:
+    def _agree_bad(self, stats: StepStats) -> bool:
         """True on every rank when any rank's loss (or, with clipping and without fp16, the gradient norm) is not
         finite: an all-reduce of the flags and one host read."""
         bad = nonfinite(stats, self.settings)
         return bool(distributed.all_reduce_sum(bad.float().reshape(1)).item() > 0)
 
 
-def nonfinite(stats: torch.Tensor, settings: StepSettings) -> torch.Tensor:
+def first_line(exc: BaseException) -> str:
+    """An exception as ``Type: its first line`` (at most 200 characters of it)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
+def nonfinite(stats: StepStats, settings: StepSettings) -> torch.Tensor:
     """A device bool: the step's loss is not finite, or (with clipping, except under fp16, where the GradScaler
     handles overflows) its gradient norm is not."""
-    bad = ~torch.isfinite(stats[STAT_LOSS_SUM])
+    bad = ~torch.isfinite(stats.loss_sum)
     if settings.clip_grad_norm > 0 and settings.amp != "fp16":
-        bad = bad | ~torch.isfinite(stats[STAT_GRAD_NORM])
+        bad = bad | ~torch.isfinite(stats.grad_norm)
     return bad
 
 

@@ -38,8 +38,7 @@ from ddp_resnet import config as config_mod
 from ddp_resnet import data as data_mod
 from ddp_resnet.config import ConfigError
 from ddp_resnet.engine import evaluate, evaluate_ensemble
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+from ddp_resnet.exitcodes import OK as EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_config(payload: dict, config_path: str | None, overrides: list[str], batch_size: int | None,
+def resolve_config(saved: ckpt.Saved, config_path: str | None, overrides: list[str], batch_size: int | None,
                    device: str | None) -> config_mod.Config:
     """The checkpoint's config, then the YAML recipe, then the overrides (``config.resolve``); evaluation needs
     neither the fine-tuning source nor the resume settings of the training run."""
@@ -70,9 +69,7 @@ def resolve_config(payload: dict, config_path: str | None, overrides: list[str],
         extra.append(f"data.eval_batch_size={batch_size}")
     if device is not None:
         extra.append(f"train.device={device}")
-    extra += ["finetune.checkpoint=", "finetune.freeze=none", "ckpt.resume=none"]
-    base = payload.get("config") if isinstance(payload.get("config"), dict) else None
-    return config_mod.resolve(config_path, extra, base=base)
+    return config_mod.resolve(config_path, extra, base=saved.config_for_use())
 
 
 def format_results(result: dict, class_names: list[str], header: str) -> str:
@@ -90,24 +87,19 @@ def format_results(result: dict, class_names: list[str], header: str) -> str:
 
 @dataclass
 class Member:
-    """One checkpoint to evaluate: its file, payload, resolved config and the weights to load."""
+    """One checkpoint to evaluate: its file, the opened checkpoint, resolved config and the weights to load."""
 
     path: str
-    payload: dict
+    saved: ckpt.Saved
     cfg: config_mod.Config
     state: dict
 
 
 def load_member(path: str, args: argparse.Namespace) -> Member:
     """Read a checkpoint, resolve its config, pick its weights (``--ema``: the averaged ones)."""
-    payload = ckpt.read_weights(path)
-    cfg = resolve_config(payload, args.config, args.overrides, args.batch_size, args.device)
-    state = payload["model"]
-    if args.ema:
-        if payload.get("ema") is None:
-            raise ckpt.CheckpointError(f"checkpoint {path} has no EMA weights (optim.ema_decay was 0)")
-        state = payload["ema"]
-    return Member(str(path), payload, cfg, state)
+    saved = ckpt.open_checkpoint(path)
+    cfg = resolve_config(saved, args.config, args.overrides, args.batch_size, args.device)
+    return Member(str(path), saved, cfg, saved.weights(ema=args.ema))
 
 
 def _networks(members: list[Member], info, device) -> list:
@@ -142,12 +134,13 @@ def run(args: argparse.Namespace, launch: distributed.LaunchInfo) -> int:
             info = data_mod.describe(cfg.data, share=lambda fn: distributed.share_from_rank0(fn, env))
             models = _networks(members, info, env.device)
         loader = data_mod.build_eval_loader(cfg.data, info, env.rank, env.world_size, env.device,
-                                            channels_last=cfg.train.channels_last)
+                                            channels_last=cfg.train.channels_last,
+                                            local_world_size=env.local_world_size)
         tta = args.tta == "flip"
         if len(members) == 1:
             result = evaluate(models[0], loader, info.num_classes, env.device, cfg.train.amp, tta_flip=tta)
             if env.is_main:
-                report(args, members[0].payload, cfg, info, env, result)
+                report(args, members[0].saved, cfg, info, env, result)
         else:
             results, result = evaluate_ensemble(models, loader, info.num_classes, env.device, cfg.train.amp, tta)
             if env.is_main:
@@ -157,13 +150,6 @@ def run(args: argparse.Namespace, launch: distributed.LaunchInfo) -> int:
         if env.distributed:
             distributed.cleanup()
     return EXIT_OK
-
-
-def _where(payload: dict) -> str:
-    """Where in its training run a checkpoint was written ("weights file" for an export)."""
-    if "step" in payload and payload.get("steps_per_epoch"):
-        return f"step {payload['step']}, epoch {payload['step'] / payload['steps_per_epoch']:.2f}"
-    return "weights file"
 
 
 def _context(args: argparse.Namespace, cfg: config_mod.Config, env) -> str:
@@ -180,15 +166,15 @@ def _write_json(path: str, out: dict) -> None:
     Path(path).write_text(json.dumps(out, indent=1))
 
 
-def report(args: argparse.Namespace, payload: dict, cfg: config_mod.Config, info, env, result: dict) -> None:
+def report(args: argparse.Namespace, saved: ckpt.Saved, cfg: config_mod.Config, info, env, result: dict) -> None:
     """Print the results and write them to ``--json``."""
     path = args.checkpoint[0]
-    header = f"{path}: {cfg.model.name} ({_where(payload)}{', EMA' if args.ema else ''}) {_context(args, cfg, env)}"
+    header = f"{path}: {cfg.model.name} ({saved.where()}{', EMA' if args.ema else ''}) {_context(args, cfg, env)}"
     print(format_results(result, info.class_names, header), flush=True)
     if args.json_out:
         _write_json(args.json_out, {
             "checkpoint": str(path), "model": cfg.model.name, "dataset": cfg.data.dataset,
-            "epoch": payload.get("epoch"), "step": payload.get("step"), "ema": args.ema, "tta": args.tta,
+            "epoch": saved.epoch, "step": saved.step, "ema": args.ema, "tta": args.tta,
             "world_size": env.world_size, **_summary(result), "class_names": list(info.class_names),
             "per_class_acc": result["per_class_acc"], "confusion": result["confusion"]})
 
@@ -198,7 +184,7 @@ def report_ensemble(args: argparse.Namespace, members: list[Member], results: li
     """Print each member's accuracy beside the ensemble's results; write them to ``--json``."""
     cfg = members[0].cfg
     for i, (m, r) in enumerate(zip(members, results), 1):
-        print(f"member {i}: {m.path}: {m.cfg.model.name} ({_where(m.payload)}{', EMA' if args.ema else ''})  "
+        print(f"member {i}: {m.path}: {m.cfg.model.name} ({m.saved.where()}{', EMA' if args.ema else ''})  "
               f"top-1 {r['top1']:.4f}%  top-5 {r['top5']:.4f}%  loss {r['loss']:.6f}", flush=True)
     header = f"ensemble of {len(members)} (averaged softmax probabilities) {_context(args, cfg, env)}"
     print(format_results(result, info.class_names, header), flush=True)
@@ -206,8 +192,8 @@ def report_ensemble(args: argparse.Namespace, members: list[Member], results: li
         _write_json(args.json_out, {
             "checkpoint": [m.path for m in members], "ensemble": True, "dataset": cfg.data.dataset,
             "ema": args.ema, "tta": args.tta, "world_size": env.world_size, **_summary(result),
-            "members": [{"checkpoint": m.path, "model": m.cfg.model.name, "epoch": m.payload.get("epoch"),
-                         "step": m.payload.get("step"), **_summary(r)} for m, r in zip(members, results)],
+            "members": [{"checkpoint": m.path, "model": m.cfg.model.name, "epoch": m.saved.epoch,
+                         "step": m.saved.step, **_summary(r)} for m, r in zip(members, results)],
             "class_names": list(info.class_names), "per_class_acc": result["per_class_acc"],
             "confusion": result["confusion"]})
 

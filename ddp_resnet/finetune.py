@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddp_resnet.checkpoint import CheckpointError, read_weights
+from ddp_resnet.checkpoint import CheckpointError, open_checkpoint
 from ddp_resnet.config import ConfigError, FinetuneConfig
 
 HEAD = "fc"
@@ -82,7 +82,7 @@ def prepare(model: nn.Module, fcfg: FinetuneConfig, num_classes: int) -> nn.Modu
         raise ConfigError(f"finetune: the model has no '{HEAD}' linear head to replace")
     if fcfg.checkpoint:
         try:
-            state = read_weights(fcfg.checkpoint)["model"]
+            state = open_checkpoint(fcfg.checkpoint).weights()
         except CheckpointError as exc:
             raise ConfigError(f"finetune.checkpoint: {exc}") from None
         load_backbone(model, state)

@@ -1,15 +1,17 @@
 """What the training loop measures while it runs, without a host synchronization per step.
 
 * ``IntervalMeter``: per ``train.log_every`` steps, the mean loss, accuracy and gradient norm (summed on the device,
-  read once per interval), images/s, the share of time spent waiting for data, ETAs; the progress line.
-* ``NonFiniteWatch``: remembers, on the device, the first step whose loss (or gradient norm) was not finite; read
-  with the interval, before every checkpoint and before every evaluation.
+  read once per interval), images/s, the share of time spent waiting for data, ETAs; the progress and epoch lines.
+* ``TrainClock``: training time, with evaluation and checkpoints kept out by one context manager.
+* ``NonFinitePolicy`` (over ``NonFiniteWatch``, which remembers on the device the first step whose loss or gradient
+  norm was not finite): ``train.nonfinite``'s stop or skip, checked before every collective and checkpoint.
 * ``rank_spread``: each rank's data-wait and forward time of an epoch, gathered to rank 0 (stragglers).
 * ``ProfilerWindow``: a torch.profiler trace of ``train.profile_steps=START:END``.
 * ``Watchdog``: ends a process that makes no progress for ``dist.timeout_s``, saying where it waited.
 """
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import math
 import os
@@ -22,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from ddp_resnet.engine import STAT_COUNT, STAT_GRAD_NORM, STAT_LOSS_SUM, StepSettings, nonfinite
+from ddp_resnet import exitcodes
+from ddp_resnet.engine import StepSettings, StepStats, nonfinite
 from ddp_resnet.rundir import format_duration
 
 STRAGGLER_RATIO = 1.2  # a rank whose data wait + forward time exceeds the median by 20% ...
@@ -38,13 +41,13 @@ class IntervalMeter:
 
     def __init__(self, device: torch.device, global_batch: int):
         self.device, self.global_batch = device, global_batch
-        self.sums = torch.zeros(4, device=device)  # the engine's STAT_* sums over the interval's steps
+        self.sums = StepStats.zeros(device)  # the interval's steps' statistics, summed
         self.steps = self.skipped = 0
         self.data_wait = 0.0
         self.excluded = 0.0
         self.start = time.perf_counter()
 
-    def add(self, stats: torch.Tensor, data_wait_s: float, skipped: bool = False) -> None:
+    def add(self, stats: StepStats, data_wait_s: float, skipped: bool = False) -> None:
         """Account for one optimizer step (a device add, no synchronization); a skipped step (``nonfinite=skip``)
         counts for time and images/s only, its non-finite values stay out of the means."""
         if skipped:
@@ -60,7 +63,7 @@ class IntervalMeter:
 
     def read(self) -> dict:
         """The interval's means (one device->host copy), then start a new interval."""
-        loss_sum, correct, count, norm_sum = self.sums.tolist()
+        loss_sum, correct, count, norm_sum = self.sums.read().values()
         elapsed = max(time.perf_counter() - self.start - self.excluded, 1e-9)
         steps = max(self.steps, 1)
         out = {"loss": _finite(loss_sum / max(count, 1)), "acc": 100 * correct / max(count, 1),
@@ -73,17 +76,69 @@ class IntervalMeter:
         return out
 
 
-def progress_line(trainer, record: dict, eta_epoch_s: float, eta_run_s: float) -> str:
-    """The rank-0 progress line of one interval."""
-    epoch, pos = divmod(trainer.step, trainer.steps_per_epoch)
-    if pos == 0 and trainer.step:  # the interval ended with the epoch
-        epoch, pos = epoch - 1, trainer.steps_per_epoch
+def progress_line(record: dict, step: int, steps_per_epoch: int, total_steps: int, total_epochs: int,
+                  eta_epoch_s: float, eta_run_s: float) -> str:
+    """The rank-0 progress line of the interval that ended at ``step``."""
+    epoch, pos = divmod(step, steps_per_epoch)
+    if pos == 0 and step:  # the interval ended with the epoch
+        epoch, pos = epoch - 1, steps_per_epoch
     loss = "nan" if record["loss"] is None else f"{record['loss']:.4f}"
     mem = f" | mem {record['mem_gib']:.1f} GiB" if "mem_gib" in record else ""
-    return (f"epoch {epoch + 1}/{trainer.total_epochs} step {pos}/{trainer.steps_per_epoch} "
-            f"(run {trainer.step}/{trainer.total_steps}) | loss {loss} | acc {record['acc']:.2f}% | "
+    return (f"epoch {epoch + 1}/{total_epochs} step {pos}/{steps_per_epoch} "
+            f"(run {step}/{total_steps}) | loss {loss} | acc {record['acc']:.2f}% | "
             f"lr {record['lr']:.4g} | {record['img_per_s']:,.0f} img/s | data {100 * record['data_wait']:.0f}%{mem} | "
             f"ETA epoch {format_duration(eta_epoch_s)}, run {format_duration(eta_run_s)}")
+
+
+def epoch_line(record: dict, total_epochs: int, total_steps: int, eta_run_s: float, spread: dict | None) -> str:
+    """The rank-0 line of an epoch's end: train (and test) metrics, speed, ETA, the ranks' spread."""
+    test = (f" test_loss {record['test_loss']:.4f} test_acc {record['test_acc']:.2f}%" if "test_acc" in record
+            else "")
+    ranks = ""
+    if spread is not None and spread["ranks"] > 1:
+        w, f = spread["rank_data_wait_s"], spread["rank_forward_s"]
+        ranks = (f" | ranks data wait {w['min']:.1f}/{w['median']:.1f}/{w['max']:.1f}s forward "
+                 f"{f['min']:.1f}/{f['median']:.1f}/{f['max']:.1f}s (min/median/max)")
+    return (f"epoch {record['epoch'] + 1}/{total_epochs} step {record['step']}/{total_steps} "
+            f"train_loss {record['train_loss']:.4f} train_acc {record['train_acc']:.2f}%{test} "
+            f"lr {record['lr']:.4g} {record['img_per_s']:.0f} img/s epoch {record['epoch_time_s']:.1f}s "
+            f"ETA {format_duration(eta_run_s)}{ranks}")
+
+
+def straggler_line(spread: dict | None) -> str | None:
+    """A warning naming a straggling rank, or None."""
+    if spread is None or not spread["straggler"]:
+        return None
+    return (f"warning: rank {spread['slowest_rank']} is a straggler: its data wait + forward time this epoch is "
+            f"{spread['slowest_vs_median']:.2f}x the median rank's (every rank waits for it at each gradient "
+            f"all-reduce)")
+
+
+class TrainClock:
+    """Training time: wall time less what runs inside ``outside()`` (evaluation, checkpoints, loader start-up),
+    which is also kept out of the interval meter's images/s."""
+
+    def __init__(self, meter: IntervalMeter):
+        self.meter = meter
+        self.last = time.perf_counter()
+        self.excluded = 0.0
+
+    @contextlib.contextmanager
+    def outside(self):
+        """Time spent inside is not training time."""
+        tick = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - tick
+            self.excluded += seconds
+            self.meter.exclude(seconds)
+
+    def lap(self) -> float:
+        """Seconds of training since the last lap."""
+        now = time.perf_counter()
+        seconds, self.last, self.excluded = max(now - self.last - self.excluded, 0.0), now, 0.0
+        return seconds
 
 
 class NonFiniteWatch:
@@ -94,11 +149,10 @@ class NonFiniteWatch:
         self.settings = settings
         self.first = torch.tensor([-1.0, 0.0, 0.0], device=settings.device)
 
-    def add(self, stats: torch.Tensor, step: int) -> None:
+    def add(self, stats: StepStats, step: int) -> None:
         """Note this step's finiteness (device ops only)."""
         new = nonfinite(stats, self.settings) & (self.first[0] < 0)
-        seen = torch.stack([torch.full_like(stats[0], step), stats[STAT_LOSS_SUM] / stats[STAT_COUNT],
-                            stats[STAT_GRAD_NORM]])
+        seen = torch.stack([torch.full_like(stats.loss_sum, step), stats.loss_sum / stats.count, stats.grad_norm])
         self.first = torch.where(new, seen, self.first)
 
     def check(self, env) -> dict | None:
@@ -115,6 +169,56 @@ class NonFiniteWatch:
         return {"step": int(step), "rank": rank, "loss": loss, "grad_norm": norm}
 
 
+class NonFiniteStop(RuntimeError):
+    """Training met a non-finite loss or gradient norm (``train.nonfinite``); the message is the one line to print."""
+
+
+class NonFinitePolicy:
+    """``train.nonfinite`` behind the two calls the loop makes: ``after_step`` (device ops; with ``skip``, a skipped
+    step is counted and named) and ``check`` before any collective or checkpoint (``stop``: every rank raises
+    ``NonFiniteStop`` at the same step when any rank met a bad one; a gather and one host read, once per step)."""
+
+    def __init__(self, mode: str, max_skipped: int, settings: StepSettings, env, state, note: Callable[[str], None]):
+        self.env, self.state, self.note, self.max_skipped = env, state, note, max_skipped
+        self.watch = NonFiniteWatch(settings) if mode == "stop" else None
+        self.checked_at = -1  # the step at which every rank's steps were last found finite
+
+    def after_step(self, stats: StepStats, skipped: bool) -> None:
+        """Account for the step just counted in ``state.step``."""
+        step = self.state.step - 1
+        if skipped:
+            self._skipped(stats, step)
+        elif self.watch is not None:
+            self.watch.add(stats, step)
+
+    def check(self) -> None:
+        """Raise NonFiniteStop on every rank if any rank met a non-finite step (``stop``; a collective)."""
+        state = self.state
+        if self.watch is None or self.checked_at == state.step:  # checked at this step already (on every rank)
+            return
+        bad = self.watch.check(self.env)
+        if bad is not None:
+            raise NonFiniteStop(
+                f"non-finite training at step {bad['step']} (epoch {bad['step'] // state.steps_per_epoch + 1}, rank "
+                f"{bad['rank']}): loss {bad['loss']:.6g}, gradient norm {bad['grad_norm']:.6g}; stopped at step "
+                f"{state.step} without writing a checkpoint; {state.newest_good()}")
+        self.checked_at = state.step
+
+    def _skipped(self, stats: StepStats, step: int) -> None:
+        """A step whose update every rank skipped (``skip``): count it, say so, stop beyond the limit."""
+        state = self.state
+        state.skipped_steps += 1
+        values = stats.read()  # the step already synchronized to decide
+        message = (f"non-finite training at step {step} (epoch {step // state.steps_per_epoch + 1}): loss on rank "
+                   f"{self.env.rank} {values['loss_sum'] / max(values['count'], 1):.6g}, gradient norm "
+                   f"{values['grad_norm']:.6g}")
+        if state.skipped_steps > self.max_skipped:
+            raise NonFiniteStop(f"{message}; more than train.max_skipped_steps={self.max_skipped} steps skipped, "
+                                f"stopped without writing a checkpoint; {state.newest_good()}")
+        self.note(f"warning: {message}: update skipped on every rank ({state.skipped_steps} of at most "
+                  f"{self.max_skipped})")
+
+
 def rank_spread(env, control_group, data_wait_s: float, forward_s: float) -> dict | None:
     """Every rank's data-wait and forward seconds of an epoch, gathered to rank 0: min / median / max of each and
     the slowest rank (a collective; rank 0 gets the dict, others None)."""
@@ -128,7 +232,7 @@ def rank_spread(env, control_group, data_wait_s: float, forward_s: float) -> dic
     totals = [w + f for w, f in rows]
     median = statistics.median(totals)
     slowest = max(range(len(rows)), key=totals.__getitem__)
-    out = {"slowest_rank": slowest,
+    out = {"ranks": len(rows), "slowest_rank": slowest,
            "straggler": (totals[slowest] > STRAGGLER_RATIO * median and totals[slowest] - median > STRAGGLER_MIN_S
                          and len(rows) > 1),
            "slowest_vs_median": totals[slowest] / median if median > 0 else 1.0}
@@ -177,7 +281,6 @@ class ProfilerWindow:
                   flush=True)
 
 
-EXIT_HUNG = 70  # sysexits' EX_SOFTWARE: this rank made no progress (a peer stopped, died or deadlocked)
 
 
 class Watchdog:
@@ -186,7 +289,7 @@ class Watchdog:
     The loop calls ``beat(phase)`` at every step boundary (and per evaluation batch); a thread checks the time
     since the last beat. When it exceeds the limit (a peer rank was stopped or died, a deadlock, a dead NFS mount
     under the data loader), it prints one line (rank, step, and what this rank waits in: the collective or the
-    loader), every thread's Python stack (faulthandler), and exits with ``EXIT_HUNG``, so the job ends within the
+    loader), every thread's Python stack (faulthandler), and exits with ``exitcodes.HUNG``, so the job ends within the
     limit instead of hanging until a scheduler's time limit. ``pause()`` covers legitimately long quiet phases
     (the first step's compilation).
     """
@@ -223,4 +326,4 @@ class Watchdog:
                   file=sys.stderr, flush=True)
             faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
             sys.stderr.flush()
-            os._exit(EXIT_HUNG)
+            os._exit(exitcodes.HUNG)

@@ -29,9 +29,10 @@ from pathlib import Path
 import torch
 
 from ddp_resnet import plots, rundir
+from ddp_resnet.exitcodes import OK as EXIT_OK
+from ddp_resnet.exitcodes import USAGE as EXIT_USAGE
 from ddp_resnet.rundir import format_duration
 
-EXIT_OK, EXIT_USAGE = 0, 2
 TRAINING_FIGSIZE = (12.0, 8.0)  # inches; PNG pixels = inches x plots.DPI (1200 x 800)
 CONFUSION_FIGSIZE = (8.0, 7.0)  # 800 x 700
 TABLE_WIDTH, TABLE_ROW_H, TABLE_MARGIN_H = 8.0, 0.25, 1.0  # per_class.png: 800 x (100 + 25 x (rows + 1))
@@ -309,13 +310,12 @@ def load_model(checkpoint: Path, overrides: list[str] | tuple = (), device: str 
     from ddp_resnet import data as data_mod
 
     try:
-        payload = ckpt.load(checkpoint, "cpu")
-        if not isinstance(payload.get("config"), dict):
+        saved = ckpt.Saved(checkpoint, ckpt.load(checkpoint, "cpu"))
+        if saved.config is None:
             raise ReportError(f"checkpoint {checkpoint} holds no config to rebuild the model from")
-        cfg = config_mod.resolve(None, [*overrides, "finetune.checkpoint=", "finetune.freeze=none"],
-                                 base=payload["config"])
+        cfg = config_mod.resolve(None, overrides, base=saved.config_for_use())
         info = data_mod.describe(cfg.data)
-        return build.network_from_weights(cfg, info, payload["model"], checkpoint, torch.device(device)), cfg, info
+        return build.network_from_weights(cfg, info, saved.weights(), checkpoint, torch.device(device)), cfg, info
     except ckpt.CheckpointError as exc:
         raise ReportError(str(exc)) from None
 

@@ -2,8 +2,10 @@
 
 Works the same under torchrun, under srun (SLURM tasks), and as a plain single process (world size 1, no
 process group): parse -> config -> plan (checks, checkpoint) -> lock the output directory -> init -> train.
-Exit codes are ``ddp_resnet.trainer``'s: 0 done, 1 a rank failed, 2 bad configuration, 75 stopped by a signal
-with a checkpoint written (resume with the same command).
+Exit codes are ``ddp_resnet.exitcodes``: 0 done, 1 a rank failed, 2 bad configuration, 65 non-finite training,
+70 no progress (the watchdog), 74 a checkpoint write failed, 75 stopped by a signal with a checkpoint written
+(resume with the same command). Code that trains in-process with hooks of its own calls ``trainer.run(plan, env,
+callbacks)``.
 """
 from __future__ import annotations
 
@@ -25,22 +27,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None, callbacks=()) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Parse, validate, initialise, train; returns the process exit code."""
     args = build_parser().parse_args(argv)
     launch = distributed.read_env()
     with contextlib.ExitStack() as held:  # the output directory's lock, released when main returns
-        return distributed.guarded(lambda: _train(args, launch, held, callbacks), launch.rank, "training",
+        return distributed.guarded(lambda: _train(args, launch, held), launch.rank, "training",
                                    (ConfigError, ckpt.CheckpointError))
 
 
-def _train(args: argparse.Namespace, launch: distributed.LaunchInfo, held: contextlib.ExitStack, callbacks) -> int:
+def _train(args: argparse.Namespace, launch: distributed.LaunchInfo, held: contextlib.ExitStack) -> int:
     cfg = config_mod.load(args.config, args.overrides)
     plan = trainer.plan_run(cfg, launch)
     if launch.rank == 0:
         held.enter_context(rundir.RunLock(cfg.output_dir))
     env = distributed.init(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_s, launch)
-    code = trainer.run(plan, env, callbacks)
+    code = trainer.run(plan, env)
     distributed.cleanup()
     return code
 

@@ -106,3 +106,9 @@ def one_thread():
 def tiny() -> list[str]:
     """The tiny run's overrides."""
     return list(TINY)
+
+
+def assert_parts(line: str, *parts: str) -> None:
+    """A message holds each stable part (a key, a file, a number), whatever the sentence around them."""
+    missing = [part for part in parts if part not in line]
+    assert not missing, f"{missing} not in: {line}"

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ddp_resnet import config
-from ddp_resnet.engine import Stepper, StepSettings, evaluate, evaluate_ensemble
+from ddp_resnet.engine import StepSettings, TrainStep, evaluate, evaluate_ensemble
 from ddp_resnet.optim import ModelEma, build_optimizer, build_scheduler, lr_factor, param_groups
 
 
@@ -22,15 +22,15 @@ def _stepper(model, cfg, **settings):
     opt = build_optimizer(model, cfg, torch.device("cpu"))
     sched = build_scheduler(opt, cfg.optim, 100, 10)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    return Stepper(model, opt, sched, scaler, StepSettings(device=torch.device("cpu"), num_classes=5, **settings))
+    return TrainStep(model, opt, sched, scaler, StepSettings(device=torch.device("cpu"), num_classes=5, **settings))
 
 
 def test_two_micro_batches_give_the_weights_of_one_full_batch():
     cfg = config.load(None, ["optim.weight_decay=0", "optim.momentum=0"])
     x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))
     full, accum = _net(), _net()
-    _stepper(full, cfg).step([(x, y)], 0)
-    _stepper(accum, cfg).step([(x[:4], y[:4]), (x[4:], y[4:])], 0)
+    _stepper(full, cfg)([(x, y)], 0)
+    _stepper(accum, cfg)([(x[:4], y[:4]), (x[4:], y[4:])], 0)
     for a, b in zip(full.parameters(), accum.parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
@@ -40,15 +40,15 @@ def test_gradient_clipping_bounds_the_update():
                              "optim.clip_grad_norm=0.01", "optim.schedule=constant"])
     model = _net()
     before = [p.detach().clone() for p in model.parameters()]
-    _stepper(model, cfg, clip_grad_norm=0.01).step([(torch.randn(8, 3, 8, 8) * 100, torch.zeros(8).long())], 0)
+    _stepper(model, cfg, clip_grad_norm=0.01)([(torch.randn(8, 3, 8, 8) * 100, torch.zeros(8).long())], 0)
     update = torch.sqrt(sum(((p - b) ** 2).sum() for p, b in zip(model.parameters(), before)))
     assert update <= 0.01 + 1e-6
 
 
 def test_step_returns_loss_sum_correct_and_count():
     cfg = config.load(None)
-    stats = _stepper(_net(), cfg).step([(torch.randn(6, 3, 8, 8), torch.randint(0, 5, (6,)))], 0)
-    assert stats[2].item() == 6 and 0 <= stats[1].item() <= 6 and stats[0].item() > 0
+    stats = _stepper(_net(), cfg)([(torch.randn(6, 3, 8, 8), torch.randint(0, 5, (6,)))], 0)
+    assert stats.count.item() == 6 and 0 <= stats.correct.item() <= 6 and stats.loss_sum.item() > 0
 
 
 def test_schedules():

@@ -82,9 +82,9 @@ def test_stage_learning_rates_become_optimizer_param_groups(tv_weights, tmp_path
     cfg = config.load(None, overrides)
     plan = trainer_mod.plan_run(cfg, distributed.LaunchInfo())
     trainer = trainer_mod.Trainer(cfg, plan.info, distributed.init("cpu", "gloo", 60, plan.launch))
-    by_lr = {g["lr"]: {id(p) for p in g["params"]} for g in trainer.parts.optimizer.param_groups}
+    by_lr = {g["lr"]: {id(p) for p in g["params"]} for g in trainer.train_step.optimizer.param_groups}
     assert sorted(by_lr) == [1e-4, 1e-3, 0.01]
-    model = trainer.bare
+    model = trainer.train_step.bare
     assert by_lr[1e-3] == {id(model.fc.weight), id(model.fc.bias)}
     assert by_lr[1e-4] == {id(p) for p in model.layer4.parameters()}
     rest = {id(p) for n, p in model.named_parameters() if not n.startswith(("fc.", "layer4."))}

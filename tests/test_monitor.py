@@ -9,6 +9,7 @@ import torch
 
 from conftest import TINY, metrics, ok, run_train
 from ddp_resnet import bench, monitor, rundir, train
+from ddp_resnet.engine import StepStats
 
 LOGGED = ["train.log_every=2", "data.synthetic_train_size=256"]  # 8 steps per epoch, a record every 2 steps
 
@@ -133,11 +134,11 @@ def test_the_training_step_never_reads_the_device_per_step(tmp_path, monkeypatch
 
 def test_the_interval_meter_reads_once_and_restarts():
     meter = monitor.IntervalMeter(torch.device("cpu"), global_batch=8)
-    meter.add(torch.tensor([16.0, 6.0, 8.0, 3.0]), 0.0)
-    meter.add(torch.tensor([float("nan"), 2.0, 8.0, 5.0]), 0.0)
+    meter.add(StepStats(torch.tensor([16.0, 6.0, 8.0, 3.0])), 0.0)
+    meter.add(StepStats(torch.tensor([float("nan"), 2.0, 8.0, 5.0])), 0.0)
     values = meter.read()
     assert values["loss"] is None and values["acc"] == 50.0 and values["grad_norm"] == 4.0
-    meter.add(torch.tensor([8.0, 8.0, 8.0, 1.0]), 0.0)
+    meter.add(StepStats(torch.tensor([8.0, 8.0, 8.0, 1.0])), 0.0)
     assert meter.read()["loss"] == 1.0
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from ddp_resnet import exitcodes
 from ddp_resnet.rundir import read_jsonl
 from ddp_resnet.slurm import job, submit, sweep
 
@@ -441,7 +442,7 @@ def test_sbatch_template_contract():
     text = (REPO / "slurm" / "train.sbatch").read_text()
     for needle in ("#SBATCH --signal=USR2@120", "#SBATCH --requeue", "#SBATCH --ntasks-per-node=8",
                    "#SBATCH --gpus-per-node=8", "srun --kill-on-bad-exit=1", "-m ddp_resnet.train",
-                   "EXIT_STOPPED=75", 'scontrol requeue "$SLURM_JOB_ID"'):
+                   f"EXIT_STOPPED={exitcodes.STOPPED}", 'scontrol requeue "$SLURM_JOB_ID"'):
         assert needle in text, needle
 
 
@@ -453,10 +454,10 @@ def test_submit_script_help(tmp_path):
     assert "--gpus-per-node" in res.stdout
 
 
-def test_the_job_side_and_the_trainer_agree_on_the_stop_code():
-    from ddp_resnet import trainer
-
-    assert job.EXIT_STOPPED == trainer.EXIT_STOPPED
+def test_the_job_side_the_sbatch_template_and_the_package_agree_on_the_stop_code():
+    assert job.EXIT_STOPPED == exitcodes.STOPPED == 75
+    text = (REPO / "slurm" / "train.sbatch").read_text()
+    assert re.findall(r"^EXIT_STOPPED=(\d+)$", text, re.M) == [str(exitcodes.STOPPED)]
 
 
 def test_the_sbatch_template_asks_the_same_requeue_policy(tmp_path, scontrol, monkeypatch):

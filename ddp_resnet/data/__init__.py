@@ -16,6 +16,8 @@ from ddp_resnet.data.loaders import (
     build_train_loader,
     check,
     describe,
+    eval_info,
+    eval_transform,
     resolve_loader,
     shard_range,
 )
@@ -47,6 +49,8 @@ __all__ = [
     "build_train_loader",
     "check",
     "describe",
+    "eval_info",
+    "eval_transform",
     "mix_batch",
     "resolve_loader",
     "shard_range",

@@ -189,13 +189,3 @@ class SampleAugment:
             image = _seeded(erasing, image, int(splitmix64(keys ^ _ERASING)[0]))
         return image.contiguous()
 
-
-def device_blockers(cfg: DataConfig, augment: str) -> list[str]:
-    """What is configured that the device-resident loader cannot do (it batches crop, flip, cutout and colour
-    jitter); empty when it can serve this configuration."""
-    blocked = [f"data.augment={augment}"] if augment not in ("none", "flip", "crop_flip") else []
-    for key, off in (("auto_augment", "none"), ("random_erasing", 0.0), ("rotate_degrees", 0.0),
-                     ("scale_jitter", 0.0), ("repeated_aug", 1), ("res_start", 0)):
-        if getattr(cfg, key) != off:
-            blocked.append(f"data.{key}={getattr(cfg, key)}")
-    return blocked

@@ -17,6 +17,7 @@ import torch
 
 from ddp_resnet.data.augment import apply_batch, batch_params
 from ddp_resnet.data.transforms import Normalizer, crop_flip, crop_flip_params, sample_keys
+from ddp_resnet.pipelines import PIPELINES
 
 
 class GPUTrainLoader:
@@ -43,7 +44,7 @@ class GPUTrainLoader:
         cutout: int = 0,
         fill: tuple[int, ...] = (0, 0, 0),
     ) -> None:
-        if augment not in ("none", "flip", "crop_flip"):
+        if augment not in PIPELINES["gpu"].augments:
             raise ValueError(f"GPUTrainLoader: unsupported augment {augment!r}")
         self.images = images_nhwc
         self.labels = labels.to(images_nhwc.device, torch.int64)

@@ -12,7 +12,7 @@ normalized float32 images and int64 labels on the device):
   and ``device_decode.DeviceDecoder`` decodes and transforms the batch on the device.
 * ``GPUTrainLoader`` (``gpu_loader.py``): device-resident uint8 data, batched gather-based augmentation. For
   cifar/synthetic with augment none/flip/crop_flip, and ``data.cutout`` / ``data.color_jitter``, it yields
-  bit-identical batches to the DataLoader path. What it cannot do (``augment.device_blockers``: random-resized
+  bit-identical batches to the DataLoader path. What it cannot do (``capabilities.PIPELINES["gpu"]``: random-resized
   crops, auto-augment policies, random erasing, rotation/scaling, repeated augmentation, progressive resizing)
   is refused with ``data.loader=gpu`` and sends ``data.loader=auto`` to the DataLoader path, with a one-line note.
 
@@ -25,6 +25,7 @@ In both, the union over ranks of their batch ``i`` is the single-process batch `
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -38,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ddp_resnet.config import ConfigError, DataConfig
 from ddp_resnet.data import cifar, imagefolder, synthetic
-from ddp_resnet.data.augment import SampleAugment, device_blockers, mean_fill
+from ddp_resnet.data.augment import SampleAugment, mean_fill
 from ddp_resnet.data.device_decode import DeviceDecoder, EncodedFolderEval, EncodedFolderTrain, collate_encoded
 from ddp_resnet.data.gpu_loader import GPUTrainLoader
 from ddp_resnet.data.samplers import RepeatedAugSampler
@@ -61,9 +62,8 @@ from ddp_resnet.data.transforms import (
     sample_rng,
     unpack_item,
 )
+from ddp_resnet.pipelines import PIPELINES, TENSOR_DATASETS, resolve_augment
 
-TENSOR_DATASETS = ("cifar10", "cifar100", "synthetic")
-GPU_AUGMENTS = ("none", "flip", "crop_flip")
 _STATS = {
     "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
     "cifar100": (CIFAR100_MEAN, CIFAR100_STD),
@@ -155,9 +155,16 @@ def _tensor_split(cfg: DataConfig, info: DataInfo, train: bool) -> tuple[torch.T
 
 # ------------------------------------------------------------------------------------------ describe
 def _resolve_augment(cfg: DataConfig) -> str:
-    if cfg.augment != "auto":
-        return cfg.augment
-    return "crop_flip" if cfg.dataset in TENSOR_DATASETS else "rrc_flip"
+    return resolve_augment(cfg.dataset, cfg.augment)
+
+
+def default_image_size(data_cfg: DataConfig) -> int:
+    """``data.image_size``, or the dataset's default when 0: 224 for imagefolder, 32 for cifar, the synthetic side."""
+    if data_cfg.image_size:
+        return data_cfg.image_size
+    if data_cfg.dataset == "imagefolder":
+        return 224
+    return 32 if data_cfg.dataset in cifar.SPECS else data_cfg.synthetic_image_size
 
 
 def check(data_cfg: DataConfig) -> None:
@@ -177,21 +184,9 @@ def describe(data_cfg: DataConfig, share: Callable | None = None) -> DataInfo:
     """
     cfg = data_cfg
     augment = _resolve_augment(cfg)
-    if cfg.loader == "gpu" and cfg.dataset not in TENSOR_DATASETS:
-        raise ConfigError(
-            f"data.loader: gpu (device-resident) supports {', '.join(TENSOR_DATASETS)}, not {cfg.dataset};"
-            " use dataloader or auto"
-        )
-    if cfg.loader == "gpu" and augment not in GPU_AUGMENTS:
-        raise ConfigError(
-            f"data.augment: {augment} is not available with data.loader=gpu; valid choices: {', '.join(GPU_AUGMENTS)}"
-        )
-    if cfg.loader == "gpu" and device_blockers(cfg, augment):
-        raise ConfigError(
-            f"data.loader: gpu (device-resident) cannot apply {', '.join(device_blockers(cfg, augment))}; it batches "
-            f"data.augment={'/'.join(GPU_AUGMENTS)}, data.cutout and data.color_jitter on the device (mixup and "
-            f"cutmix work with either loader); use data.loader=dataloader or auto"
-        )
+    refusal = PIPELINES["gpu"].refusal(cfg, augment) if cfg.loader == "gpu" else None
+    if refusal:
+        raise ConfigError(refusal)
     mean, std = _STATS[cfg.dataset]
     if cfg.dataset == "imagefolder":
         root = str(Path(cfg.root).resolve())
@@ -199,15 +194,14 @@ def describe(data_cfg: DataConfig, share: Callable | None = None) -> DataInfo:
             index = imagefolder.scan_imagefolder(root)
         else:
             index = imagefolder.FolderIndex.unpack(root, share(lambda: imagefolder.scan_imagefolder(root).pack(root)))
-        return DataInfo(len(index.classes), list(index.classes), cfg.image_size or 224, mean, std, len(index.train),
-                        len(index.evals), augment, index)
+        return DataInfo(len(index.classes), list(index.classes), default_image_size(cfg), mean, std,
+                        len(index.train), len(index.evals), augment, index)
     check(cfg)
-    default_size = 32 if cfg.dataset in cifar.SPECS else cfg.synthetic_image_size
     data = _load_tensor_data(_tensor_key(cfg))
     return DataInfo(
         num_classes=len(data.class_names),
         class_names=list(data.class_names),
-        image_size=cfg.image_size or default_size,
+        image_size=default_image_size(cfg),
         mean=mean,
         std=std,
         train_size=int(data.train_images.shape[0]),
@@ -216,11 +210,19 @@ def describe(data_cfg: DataConfig, share: Callable | None = None) -> DataInfo:
     )
 
 
+def eval_info(data_cfg: DataConfig, num_classes: int, class_names: Sequence[str]) -> DataInfo:
+    """A ``DataInfo`` for running a trained network on new images, without reading the dataset: its classes as
+    given, the training side and normalization of ``data_cfg``, no samples (``train_size = test_size = 0``)."""
+    mean, std = _STATS[data_cfg.dataset]
+    return DataInfo(num_classes, list(class_names), default_image_size(data_cfg), mean, std, 0, 0,
+                    _resolve_augment(data_cfg))
+
+
 def resolve_loader(data_cfg: DataConfig, info: DataInfo, device: torch.device | str) -> str:
     """``gpu`` or ``dataloader``: what ``data.loader`` (``auto`` included) means for this dataset and device."""
     if data_cfg.loader != "auto":
         return data_cfg.loader
-    gpu_ok = data_cfg.dataset in TENSOR_DATASETS and not device_blockers(data_cfg, info.augment)
+    gpu_ok = PIPELINES["gpu"].refusal(data_cfg, info.augment) is None
     return "gpu" if gpu_ok and torch.device(device).type == "cuda" else "dataloader"
 
 
@@ -315,19 +317,51 @@ class _FolderTrainDataset(_TrainItems):
         return self.finish(hwc_to_chw_tensor(image), key, index), label
 
 
+def eval_geometry(data_cfg: DataConfig, info: DataInfo) -> tuple[int, int]:
+    """``(size, resize)`` of evaluation images: the side (``data.eval_size``, default the training side) and, for
+    imagefolder, the shorter side they are resized to before the center crop (``data.eval_resize``, default
+    ``size * 8 / 7``)."""
+    size = data_cfg.eval_size or info.image_size
+    return size, data_cfg.eval_resize or int(size * 8 / 7)
+
+
+class EvalTransform:
+    """One decoded RGB image -> the evaluation loaders' ``uint8 C x S x S`` pixels (picklable, for workers).
+
+    ``folder=True`` (imagefolder): resize the shorter side to ``resize`` (antialiased), center-crop ``size``.
+    Otherwise (cifar, synthetic: whole images): resize to ``size x size`` as the in-memory test split is resized
+    (``resize_uint8``; a no-op for an image already at that side).
+    """
+
+    def __init__(self, size: int, resize: int, folder: bool) -> None:
+        self.size, self.resize, self.folder = size, resize, folder
+
+    def __call__(self, img) -> torch.Tensor:
+        if self.folder:
+            img = TF.resize(img, self.resize, antialias=True)
+            return TF.pil_to_tensor(TF.center_crop(img, self.size))
+        pixels = torch.from_numpy(np.array(img, dtype=np.uint8))[None]
+        return resize_uint8(pixels, self.size)[0].permute(2, 0, 1).contiguous()
+
+
+def eval_transform(data_cfg: DataConfig, info: DataInfo) -> EvalTransform:
+    """The evaluation transform of this dataset configuration, for one image file at a time."""
+    size, resize = eval_geometry(data_cfg, info)
+    return EvalTransform(size, resize, folder=data_cfg.dataset == "imagefolder")
+
+
 class _FolderEvalDataset(Dataset):
     """ImageFolder evaluation items: resize the shorter side to ``resize``, center-crop ``size``."""
 
     def __init__(self, samples: Sequence[tuple[str, int]], size: int, resize: int):
-        self.samples, self.size, self.resize = samples, size, resize
+        self.samples, self.transform = samples, EvalTransform(size, resize, folder=True)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
-        img = TF.resize(imagefolder.load_rgb(path), self.resize, antialias=True)
-        return TF.pil_to_tensor(TF.center_crop(img, self.size)), label
+        return self.transform(imagefolder.load_rgb(path)), label
 
 
 # ------------------------------------------------------------------------------------------ DataLoader path
@@ -356,6 +390,26 @@ class EpochBatchSampler(Sampler):
         self.sampler.set_epoch(epoch)
         items = [(i, epoch) if isinstance(i, int) else (i[0], epoch, i[1]) for i in self.sampler]
         return iter([items[k * b : (k + 1) * b] for k in range(start, self.num_batches)])
+
+
+MAX_AUTO_WORKERS = 16  # data.workers=auto never starts more worker processes per rank than this
+
+
+def auto_workers(local_world_size: int = 1) -> int:
+    """``data.workers=auto``: the CPU cores this process may run on, shared by the node's ranks, less one for the
+    rank itself, at most ``MAX_AUTO_WORKERS`` (0, loading in the main process, when a rank has one core or less)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(0, min(MAX_AUTO_WORKERS, cores // max(local_world_size, 1) - 1))
+
+
+def with_workers(cfg: DataConfig, local_world_size: int = 1) -> DataConfig:
+    """The data config with ``workers`` as a number (``auto`` resolved for this node's share of cores)."""
+    if cfg.workers != "auto":
+        return cfg
+    return dataclasses.replace(cfg, workers=auto_workers(local_world_size))
 
 
 def _loader_kwargs(cfg: DataConfig, device: torch.device, decoder: DeviceDecoder | None = None) -> dict:
@@ -512,7 +566,7 @@ def train_schedule(data_cfg: DataConfig, total_epochs: int | None) -> Resolution
 
 def _note_loader_choice(cfg: DataConfig, info: DataInfo, device: torch.device, rank: int) -> None:
     """data.loader=auto: say (rank 0, one line) when the device-resident loader was passed over for an augmentation."""
-    blocked = device_blockers(cfg, info.augment)
+    blocked = PIPELINES["gpu"].blockers(cfg, info.augment)
     if rank == 0 and cfg.loader == "auto" and device.type == "cuda" and cfg.dataset in TENSOR_DATASETS and blocked:
         print(f"note: data.loader=auto uses DataLoader workers: the device-resident loader cannot apply "
               f"{', '.join(blocked)}", flush=True)
@@ -550,10 +604,12 @@ def build_train_loader(
     micro_batch: int | None = None,
     channels_last: bool = False,
     total_epochs: int | None = None,
+    local_world_size: int = 1,
 ) -> GPUTrainLoader | DataLoaderTrainLoader:
     """This rank's training loader (per-rank batch ``micro_batch``, default ``batch_size // world_size``);
-    ``total_epochs`` is the run's length, which progressive resizing (``data.res_start``) needs."""
-    cfg, device = data_cfg, torch.device(device)
+    ``total_epochs`` is the run's length, which progressive resizing (``data.res_start``) needs;
+    ``local_world_size`` the processes sharing this node's cores (``data.workers=auto``)."""
+    cfg, device = with_workers(data_cfg, local_world_size), torch.device(device)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside [0, {world_size})")
     batch = micro_batch if micro_batch is not None else cfg.batch_size // world_size
@@ -579,16 +635,16 @@ def build_eval_loader(
     world_size: int,
     device: torch.device | str,
     channels_last: bool = False,
+    local_world_size: int = 1,
 ) -> TensorEvalLoader | DataLoaderEvalLoader:
     """This rank's exact evaluation shard (every test sample on exactly one rank; ``.num_samples`` its count), at
     ``data.eval_size`` (default ``info.image_size``), whatever the training side."""
-    cfg, device = data_cfg, torch.device(device)
+    cfg, device = with_workers(data_cfg, local_world_size), torch.device(device)
     batch = max(1, (cfg.eval_batch_size or 2 * cfg.batch_size) // world_size)
     start, end = shard_range(info.test_size, rank, world_size)
     normalize = Normalizer(info.mean, info.std, channels_last)
     if cfg.dataset == "imagefolder":
-        samples, size = info.index.evals, cfg.eval_size or info.image_size
-        resize = cfg.eval_resize or int(size * 8 / 7)
+        samples, (size, resize) = info.index.evals, eval_geometry(cfg, info)
         if cfg.decode == "device":
             encoded = EncodedFolderEval(samples, size, resize)
             return DataLoaderEvalLoader(encoded, start, end, batch, cfg, device, normalize,

@@ -31,8 +31,10 @@ from PIL import Image
 
 from ddp_resnet.config import ConfigError
 from ddp_resnet.data.imagefolder import IMG_EXTENSIONS, split_dirs
+from ddp_resnet.exitcodes import FAILED as EXIT_FAILED
+from ddp_resnet.exitcodes import OK as EXIT_OK
+from ddp_resnet.exitcodes import USAGE as EXIT_USAGE
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 SPLITS = ("train", "val", "test")
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 TMP_SUFFIX = ".prepare-tmp"

@@ -154,7 +154,7 @@ def count_parameters(run_dir: Path) -> int | None:
     if not path.is_file():
         return None
     try:
-        state = ckpt.load(path, "cpu")["model"]
+        state = ckpt.Saved(path, ckpt.load(path, "cpu")).weights()
     except ckpt.CheckpointError:
         return None
     return sum(v.numel() for k, v in state.items()

@@ -45,6 +45,7 @@ import sys
 
 from ddp_resnet import plots
 from ddp_resnet.config import ConfigError
+from ddp_resnet.exitcodes import USAGE as EXIT_USAGE
 from ddp_resnet.experiments.analyses import analyze
 from ddp_resnet.experiments.registry import EXPERIMENTS
 from ddp_resnet.experiments.runner import (
@@ -57,8 +58,6 @@ from ddp_resnet.experiments.runner import (
     train_runs,
 )
 from ddp_resnet.slurm.sweep import SweepError
-
-EXIT_USAGE = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +79,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def print_list() -> None:
+    """``--list``: every experiment, its recipe and its runs or sweep."""
+    for e in EXPERIMENTS.values():
+        sweep = " ".join(f"{k}={','.join(v)}" for k, v in e.sweep)
+        runs = f"runs {', '.join(label for label, _ in e.points)}" if e.points else f"sweep {sweep}"
+        print(f"{e.name:<16} {e.description}\n{'':<16} configs/experiments/{e.recipe}, {runs}")
+
+
+def print_dry_run(plan, nproc_per_node: int) -> None:
+    """``--dry-run`` without ``--slurm``: the commands that would train, nothing run."""
+    experiment = plan.experiment
+    print(f"# {experiment.name}: {experiment.description}")
+    print(f"# recipe {plan.recipe}; output {plan.out}")
+    for run in plan.runs if experiment.trains else ():
+        print(shlex.join(train_command(run, nproc_per_node)))
+    if not experiment.trains:
+        print(f"# computed here at initialisation, no training: {', '.join(r.label for r in plan.runs)}")
+    print("# dry run: nothing trained")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one experiment; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -89,10 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         argv, slurm_args = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_intermixed_args(argv)
     if args.list:
-        for e in EXPERIMENTS.values():
-            sweep = " ".join(f"{k}={','.join(v)}" for k, v in e.sweep)
-            runs = f"runs {', '.join(label for label, _ in e.points)}" if e.points else f"sweep {sweep}"
-            print(f"{e.name:<16} {e.description}\n{'':<16} configs/experiments/{e.recipe}, {runs}")
+        print_list()
         return EXIT_OK
     try:
         if not args.name:
@@ -125,13 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             return code
         args.analyze_only = True  # the jobs have finished (--wait): draw from their runs
     elif args.dry_run:
-        print(f"# {experiment.name}: {experiment.description}")
-        print(f"# recipe {plan.recipe}; output {plan.out}")
-        for run in plan.runs if experiment.trains else ():
-            print(shlex.join(train_command(run, args.nproc_per_node)))
-        if not experiment.trains:
-            print(f"# computed here at initialisation, no training: {', '.join(r.label for r in plan.runs)}")
-        print("# dry run: nothing trained")
+        print_dry_run(plan, args.nproc_per_node)
         return EXIT_OK
     elif args.slurm and not experiment.trains:
         print(f"note: {experiment.name} trains nothing and takes seconds: computing it here instead of on SLURM")

@@ -11,10 +11,9 @@ from pathlib import Path
 from ddp_resnet import config as config_mod
 from ddp_resnet import rundir
 from ddp_resnet.config import ConfigError
+from ddp_resnet.exitcodes import OK as EXIT_OK
 from ddp_resnet.experiments.registry import EXPERIMENTS, SMOKE, Experiment
 from ddp_resnet.slurm.sweep import parse_sweeps, point_names, slug
-
-EXIT_OK = 0
 
 
 class UsageError(ValueError):

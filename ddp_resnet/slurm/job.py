@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from ddp_resnet import distributed
+from ddp_resnet.exitcodes import NO_REQUEUE as EXIT_NO_REQUEUE  # the command line's "do not requeue"
+from ddp_resnet.exitcodes import STOPPED as EXIT_STOPPED  # stopped with last.pt written: requeue me
 from ddp_resnet.rundir import read_jsonl
 
-EXIT_STOPPED = 75  # ddp_resnet.trainer.EXIT_STOPPED: a stop signal arrived, last.pt written, requeue me
-EXIT_NO_REQUEUE = 3  # the command line's answer "do not requeue"
 LOCAL_REQUEUE_EXIT = 144  # submitit's local controller restarts all tasks when one exits with this code
 TIMEOUT_GRACE_S = 90  # SLURM may send the warning signal up to ~60 s early; add slack for the stop itself
 

@@ -47,11 +47,11 @@ from typing import Any
 
 from ddp_resnet import config as config_lib
 from ddp_resnet.config import ConfigError
+from ddp_resnet.exitcodes import OK as EXIT_OK
+from ddp_resnet.exitcodes import USAGE as EXIT_USAGE
 from ddp_resnet.slurm.job import TrainTask, slurm_job_fields
 from ddp_resnet.slurm.sweep import SweepError, parse_sweeps, point_names, slug
 
-EXIT_OK = 0
-EXIT_USAGE = 2
 SIGNALS = ("USR2", "TERM")  # the signals the trainer turns into a checkpoint-and-stop
 KILL_ON_BAD_EXIT = "--kill-on-bad-exit=1"
 TERMINAL_STATES = {
@@ -214,16 +214,15 @@ def _parse_sbatch_opts(items: Sequence[str]) -> tuple:
     return tuple(out)
 
 
-def make_plan(args: argparse.Namespace) -> Plan:
-    """Check everything that can be checked before submitting; raise UsageError/ConfigError (one line)."""
-    cluster = "local" if args.local else "slurm"
-    _check_positive("--nodes", args.nodes)
-    _check_positive("--gpus-per-node", args.gpus_per_node, allow_zero=True)
-    _check_positive("--tasks-per-node", args.tasks_per_node)
-    _check_positive("--cpus-per-task", args.cpus_per_task)
-    _check_positive("--signal-delay-s", args.signal_delay_s)
-    _check_positive("--max-timeouts", args.max_timeouts, allow_zero=True)
-    _check_positive("--array-parallelism", args.array_parallelism)
+def _check_resources(args: argparse.Namespace) -> tuple[int, int]:
+    """The resource flags, checked; returns ``(tasks per node, time limit in minutes)``."""
+    for flag, value, zero in (("--nodes", args.nodes, False), ("--gpus-per-node", args.gpus_per_node, True),
+                              ("--tasks-per-node", args.tasks_per_node, False),
+                              ("--cpus-per-task", args.cpus_per_task, False),
+                              ("--signal-delay-s", args.signal_delay_s, False),
+                              ("--max-timeouts", args.max_timeouts, True),
+                              ("--array-parallelism", args.array_parallelism, False)):
+        _check_positive(flag, value, allow_zero=zero)
     gpus = args.gpus_per_node
     tasks = args.tasks_per_node if args.tasks_per_node is not None else (gpus or 1)
     if gpus > 0 and tasks != gpus:
@@ -242,9 +241,13 @@ def make_plan(args: argparse.Namespace) -> Plan:
         value = getattr(args, name)
         if value is not None and (not value.strip() or any(c.isspace() for c in value)):
             raise UsageError(f"--{name.replace('_', '-')}: invalid value {value!r}")
-    sbatch_opts = _parse_sbatch_opts(args.sbatch_opt)
+    return tasks, time_min
 
-    # the config: base overrides, then every sweep point (validates sweep keys and values)
+
+def _plan_points(args: argparse.Namespace, world: int) -> tuple[str, list[Point], list]:
+    """The config (base overrides, then every sweep point, each validated for ``world`` ranks); returns the
+    absolute output_dir, the points and the sweeps."""
+    gpus = args.gpus_per_node
     overrides = [str(o) for o in args.overrides]
     for text in overrides:
         config_lib.parse_override(text)  # shape check: key=value
@@ -256,7 +259,6 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise ConfigError("train.device: cuda needs --gpus-per-node > 0")
     if gpus > 0 and base.train.device == "cpu":
         raise ConfigError(f"train.device: cpu with --gpus-per-node {gpus}; use --gpus-per-node 0 for a CPU job")
-    world = args.nodes * tasks
     config_lib.validate_world(base, world)
     output_dir = str(Path(base.output_dir).expanduser().absolute())
     sweeps = parse_sweeps(args.sweep)
@@ -275,7 +277,15 @@ def make_plan(args: argparse.Namespace) -> Plan:
             raise
         argv = (["--config", config_path] if config_path else []) + full
         points.append(Point(index, tuple(point_overrides), out, tuple(argv)))
+    return output_dir, points, sweeps
 
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    """Check everything that can be checked before submitting; raise UsageError/ConfigError (one line)."""
+    cluster = "local" if args.local else "slurm"
+    tasks, time_min = _check_resources(args)
+    sbatch_opts = _parse_sbatch_opts(args.sbatch_opt)
+    output_dir, points, sweeps = _plan_points(args, args.nodes * tasks)
     if cluster == "slurm" and not args.dry_run and not slurm_available():
         raise UsageError("SLURM commands (sbatch, srun, sinfo) not found; use --local or --dry-run")
     if cluster == "slurm" and args.partition and slurm_available():
@@ -286,7 +296,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     log_dir = str(Path(args.log_dir).expanduser().absolute()) if args.log_dir else str(Path(output_dir) / "slurm")
     return Plan(
         cluster=cluster, output_dir=output_dir, log_dir=log_dir, nodes=args.nodes, tasks_per_node=tasks,
-        gpus_per_node=gpus, time_min=time_min, job_name=args.job_name or slug(Path(output_dir).name),
+        gpus_per_node=args.gpus_per_node, time_min=time_min, job_name=args.job_name or slug(Path(output_dir).name),
         points=tuple(points), partition=args.partition, account=args.account, qos=args.qos,
         constraint=args.constraint, cpus_per_task=args.cpus_per_task, mem=args.mem, signal=args.signal,
         signal_delay_s=args.signal_delay_s, max_timeouts=args.max_timeouts, sbatch_opts=sbatch_opts,

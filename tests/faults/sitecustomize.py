@@ -14,6 +14,11 @@ a ``DDP_RESNET_TEST_*`` variable is set; the package itself reads none of them.
 * ``DDP_RESNET_TEST_NAN_AT=RANK:STEP``: that rank's input is multiplied by NaN in step STEP (0-based), once;
 * ``DDP_RESNET_TEST_UNDO_AT=STEP``: every rank puts weights, buffers, optimizer and EMA back as they were before
   step STEP once it is done: a run in which that step's update never happened (the scheduler still advances).
+
+How they are installed: the trainer's own seam, ``trainer.Callback`` objects passed to ``trainer.run`` (which
+``ddp_resnet.train`` calls by module attribute); ``trainer.run`` is wrapped to add the ``Faults`` callback, whose
+``on_fit_start`` adds the forward hooks (slow rank, NaN input) to the model and whose ``on_step_end`` fails, sleeps
+or undoes a step. The checkpoint writer's ``os.replace`` and the ImageFolder walk are wrapped for the other two.
 """
 import os
 
@@ -43,45 +48,47 @@ def _install() -> None:
     nan_rank, nan_step = _pair(_NAN_AT) if _NAN_AT else (-1, -1)
     undo_step = int(_UNDO_AT) if _UNDO_AT else -1
 
-    class Faults(trainer.Callback):
-        saved = None
-
-        def on_step_end(self, run: trainer.Trainer) -> None:
-            if run.env.rank == fail_rank and run.step == fail_step:
-                raise RuntimeError(f"injected failure on rank {run.env.rank} at step {run.step}")
-            if run.step == undo_step:  # the state before step `undo_step`
-                self.saved = copy.deepcopy((run.bare.state_dict(), run.parts.optimizer.state_dict(),
-                                            run.ema.state_dict() if run.ema is not None else None))
-            elif run.step == undo_step + 1 and self.saved is not None:
-                model, optimizer, ema = self.saved
-                run.bare.load_state_dict(model)
-                run.parts.optimizer.load_state_dict(optimizer)  # its momentum; the learning rate stays scheduled:
-                for group, lr in zip(run.parts.optimizer.param_groups, run.parts.scheduler.get_last_lr()):
-                    group["lr"] = lr
-                if ema is not None:
-                    run.ema.load_state_dict(ema)
-            if _STEP_DELAY:
-                time.sleep(_STEP_DELAY)
-
     def forward_faults(run: trainer.Trainer):
         def hook(module, inputs):
             if run.env.rank == slow_rank:
                 time.sleep(slow_s)
-            if run.env.rank == nan_rank and run.step == nan_step and module.training:
+            if run.env.rank == nan_rank and run.state.step == nan_step and module.training:
                 return (inputs[0] * float("nan"),)
             return None
 
         return hook
 
-    original_init = trainer.Trainer.__init__
+    class Faults(trainer.Callback):
+        saved = None
 
-    def init_with_faults(self, *args, **kwargs) -> None:
-        original_init(self, *args, **kwargs)
-        self.callbacks.append(Faults())
-        if _SLOW_RANK or _NAN_AT:
-            self.bare.register_forward_pre_hook(forward_faults(self))
+        def on_fit_start(self, run: trainer.Trainer) -> None:
+            if _SLOW_RANK or _NAN_AT:
+                run.train_step.bare.register_forward_pre_hook(forward_faults(run))
 
-    trainer.Trainer.__init__ = init_with_faults
+        def on_step_end(self, run: trainer.Trainer) -> None:
+            step, parts = run.state.step, run.train_step
+            if run.env.rank == fail_rank and step == fail_step:
+                raise RuntimeError(f"injected failure on rank {run.env.rank} at step {step}")
+            if step == undo_step:  # the state before step `undo_step`
+                self.saved = copy.deepcopy((parts.bare.state_dict(), parts.optimizer.state_dict(),
+                                            parts.ema.state_dict() if parts.ema is not None else None))
+            elif step == undo_step + 1 and self.saved is not None:
+                model, optimizer, ema = self.saved
+                parts.bare.load_state_dict(model)
+                parts.optimizer.load_state_dict(optimizer)  # its momentum; the learning rate stays scheduled:
+                for group, lr in zip(parts.optimizer.param_groups, parts.scheduler.get_last_lr()):
+                    group["lr"] = lr
+                if ema is not None:
+                    parts.ema.load_state_dict(ema)
+            if _STEP_DELAY:
+                time.sleep(_STEP_DELAY)
+
+    real_run = trainer.run
+
+    def run_with_faults(plan, env, callbacks=()):
+        return real_run(plan, env, [*callbacks, Faults()])
+
+    trainer.run = run_with_faults
 
     if _SLOW_SAVE:
         real_replace = checkpoint.os.replace
