@@ -3,7 +3,7 @@
 The step timed is the one ``python -m ddp_resnet.train`` runs, built from the same public pieces: the config
 (``--config`` recipe + flags + ``key=value`` overrides, validated by ``ddp_resnet.config``), ``build_network``
 (model, SyncBatchNorm, channels_last), ``build_optimizer`` (fused/foreach kernels), ``build_scheduler``, a
-``GradScaler``, the DDP wrapper when launched under torchrun/srun, ``torch.compile`` and ``engine.Stepper``.
+``GradScaler``, the DDP wrapper when launched under torchrun/srun, ``torch.compile``: the ``engine.TrainStep``.
 Batches come from a fixed on-device batch (``--data synthetic``, the default: pure model-step throughput) or
 from the trainer's own loaders (``--data cifar10`` uses the device-resident loader, so on-device augmentation
 and normalization are inside the timed region).
@@ -54,10 +54,12 @@ from ddp_resnet import config as config_mod
 from ddp_resnet import data as data_mod
 from ddp_resnet.build import resolve_stem
 from ddp_resnet.config import Config, ConfigError
+from ddp_resnet.exitcodes import OK as EXIT_OK
+from ddp_resnet.exitcodes import USAGE as EXIT_CONFIG
 from ddp_resnet.models import resolve_model_stem, summarize
 from ddp_resnet.optim import uses_fused
+from ddp_resnet.pipelines import PIPELINES, TENSOR_DATASETS
 
-EXIT_OK, EXIT_CONFIG = 0, 2
 # Registered names whose ImageNet-stem architecture is torchvision's (same parameters, same MACs).
 TORCHVISION_TWINS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
                      "wide_resnet50_2")
@@ -152,11 +154,11 @@ def bench_config(args: argparse.Namespace, world_size: int) -> tuple[Config, str
     cfg = config_mod.load(args.config, [*overrides, *args.overrides])
     dataset = cfg.data.dataset
     loader = args.loader or ("fixed" if dataset == "synthetic" else
-                             "gpu" if dataset in data_mod.loaders.TENSOR_DATASETS else "dataloader")
+                             "gpu" if dataset in TENSOR_DATASETS else "dataloader")
     if loader == "fixed" and dataset != "synthetic":
         raise ConfigError(f"--loader fixed: only with --data synthetic (data is {dataset})")
-    if loader == "gpu" and dataset not in data_mod.loaders.TENSOR_DATASETS:
-        raise ConfigError(f"--loader gpu: supports {', '.join(data_mod.loaders.TENSOR_DATASETS)}, not {dataset}")
+    if loader == "gpu" and dataset not in PIPELINES["gpu"].datasets:
+        raise ConfigError(f"--loader gpu: supports {', '.join(PIPELINES['gpu'].datasets)}, not {dataset}")
     data: dict = {}
     if loader != "fixed":
         data["loader"] = loader
@@ -242,7 +244,8 @@ def make_batches(cfg: Config, info, env, loader_mode: str):
         return FixedBatches(cfg, info, env, micro, accum)
     loader = data_mod.build_train_loader(cfg.data, info, env.rank, env.world_size, env.device, cfg.train.seed,
                                          micro_batch=micro, channels_last=cfg.train.channels_last,
-                                         total_epochs=build.run_length(cfg, info, env.world_size)[1])
+                                         total_epochs=build.run_length(cfg, info, env.world_size)[1],
+                                         local_world_size=env.local_world_size)
     return LoaderBatches(loader, accum)
 
 
@@ -285,7 +288,7 @@ class Runner:
         # --log-every: the trainer's per-step bookkeeping and its read once per interval, inside the timing
         self.log_every = log_every
         self.meter = monitor.IntervalMeter(env.device, cfg.data.batch_size)
-        self.watch = monitor.NonFiniteWatch(self.parts.stepper.settings)
+        self.watch = monitor.NonFiniteWatch(self.parts.settings)
         self.windows: list = []  # (start, end) CUDA events or seconds
         self.peak_mib = float("nan")
 
@@ -310,7 +313,7 @@ class Runner:
         for _ in range(steps):
             micro = self.batches.next()
             stats = self.parts(micro, self.step)
-            self.acc += stats
+            self.acc += stats.values
             if self.log_every:
                 self.meter.add(stats, 0.0)
                 self.watch.add(stats, self.step)
@@ -481,6 +484,17 @@ def _error(message: str) -> int:
     return EXIT_CONFIG
 
 
+def format_settings(s: dict) -> str:
+    """The two header lines: what is measured, and with which settings."""
+    return (f"bench: {s['model']} stem={s['stem']} res={s['res']} classes={s['num_classes']} | batch "
+            f"{s['batch_per_process']} per process x {s['world_size']} process(es) = {s['global_batch']} "
+            f"images/step (accum {s['accum_steps']}) | {s['device']} ({s['device_name']}), torch {s['torch']}\n"
+            f"settings: amp={s['amp']} channels_last={s['channels_last']} compile={s['compile']} "
+            f"sync_bn={s['sync_bn']} data={s['data']} loader={s['loader']} optimizer={s['optimizer']} "
+            f"cudnn.benchmark={s['cudnn_benchmark']} | warmup {s['warmup']} steps, then {s['windows']} "
+            f"windows x {s['steps_per_window']} steps")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse, validate, initialise, measure, print; returns the exit code."""
     args = build_parser().parse_args(argv)
@@ -510,15 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         build.apply_torch_flags(cfg)
         settings = settings_of(cfg, info, env, loader_mode, args)
         if env.is_main:
-            s = settings
-            print(f"bench: {s['model']} stem={s['stem']} res={s['res']} classes={s['num_classes']} | batch "
-                  f"{s['batch_per_process']} per process x {s['world_size']} process(es) = {s['global_batch']} "
-                  f"images/step (accum {s['accum_steps']}) | {s['device']} ({s['device_name']}), torch "
-                  f"{s['torch']}", flush=True)
-            print(f"settings: amp={s['amp']} channels_last={s['channels_last']} compile={s['compile']} "
-                  f"sync_bn={s['sync_bn']} data={s['data']} loader={s['loader']} optimizer={s['optimizer']} "
-                  f"cudnn.benchmark={s['cudnn_benchmark']} | warmup {s['warmup']} steps, then {s['windows']} "
-                  f"windows x {s['steps_per_window']} steps", flush=True)
+            print(format_settings(settings), flush=True)
         results = measure(cfg, info, env, loader_mode, args, note)
         ratio = None
         if "torchvision" in results:
@@ -545,7 +551,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli() -> None:
-    """Console entry point."""
+    """Console entry point; ``suite ...`` runs the timed benchmark suite (``ddp_resnet.suite``)."""
+    if sys.argv[1:2] == ["suite"]:
+        from ddp_resnet import suite
+
+        sys.exit(suite.main(sys.argv[2:]))
     sys.exit(main())
 
 
