@@ -7,7 +7,7 @@ training pipelines:
 * ``gpu``: the device-resident loader (the whole uint8 dataset on the device, augmentation batched there) for the
   in-memory datasets; crop/flip, cutout and colour jitter.
 * ``device_decode``: ImageFolder with ``data.decode=device`` (workers read the files, the JPEGs are decoded in
-  batches on the device); crop, flip and random-resized crop, with repeated augmentation.
+  batches on the device); crop, flip and random-resized crop, with repeated augmentation and progressive resizing.
 """
 from __future__ import annotations
 
@@ -63,9 +63,9 @@ PIPELINES = {
                     "batched on the device (mixup and cutmix work with either loader)",
                     "data.loader=dataloader or auto"),
     "device_decode": Pipeline("device_decode", "data.decode", "device decoding", FILE_DATASETS,
-                              ("none", "flip", "crop_flip", "rrc_flip"), ("repeated_aug",),
-                              "crop, flip and random-resized crop (data.augment=none/flip/crop_flip/rrc_flip) and "
-                              "data.repeated_aug", "data.decode=workers"),
+                              ("none", "flip", "crop_flip", "rrc_flip"), ("repeated_aug", "res_start"),
+                              "crop, flip and random-resized crop (data.augment=none/flip/crop_flip/rrc_flip), "
+                              "data.repeated_aug and progressive resizing", "data.decode=workers"),
 }
 
 

@@ -138,10 +138,9 @@ def test_the_pipeline_table_names_real_keys_with_their_defaults_and_refuses_what
         assert set(pipeline.extras) <= {key for key, _ in pipelines.EXTRA_KEYS}
         assert set(pipeline.augments) <= set(config.choices("data.augment")) - {"auto"}
     assert pipelines.PIPELINES["gpu"].refusal(defaults, "crop_flip") is None
-    # device decoding has no progressive resizing: refused, not silently trained at one side
-    with pytest.raises(ConfigError, match=r"data.decode: .* cannot apply data.res_start=128; use data.decode=workers"):
-        config.load(None, ["data.dataset=imagefolder", "data.decode=device", "data.res_start=128",
-                           "data.res_end=160"])
+    config.load(None, ["data.dataset=imagefolder", "data.decode=device", "data.res_start=128", "data.res_end=160"])
+    with pytest.raises(ConfigError, match=r"data.decode: .* cannot apply data.cutout=8; use data.decode=workers"):
+        config.load(None, ["data.dataset=imagefolder", "data.decode=device", "data.cutout=8"])
 
 
 def test_workers_auto_follows_the_cores_each_rank_gets():
