@@ -22,7 +22,9 @@ import torch
 import ddp_resnet
 from ddp_resnet import exitcodes
 
-EPOCH_FILE = re.compile(r"epoch_(\d+)\.pt$")
+EPOCH_FILE = re.compile(r"^epoch_(\d{4,})\.pt$")  # only the names CheckpointPolicy writes (pruning trusts it)
+# A temporary file is created, never opened through what is already there (a planted symbolic link included).
+EXCLUSIVE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
 # The checkpoint schema's version (``state.training_payload`` writes it). 1: files written before the field
 # existed (the same keys, without "format" and "class_names"); they load as they are.
 FORMAT = 2
@@ -111,13 +113,26 @@ def manifest(world_size: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- save/load
+_PARTIAL: list[Path] = []  # the temporary file being written, if any
+
+
+def discard_partial() -> None:
+    """Remove the temporary file of a write in progress (before an immediate exit); the target is untouched."""
+    for tmp in list(_PARTIAL):
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
 def save(payload: dict, path: str | Path) -> None:
     """Atomically write payload to path: temporary file, fsync, rename, fsync of the directory."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    _PARTIAL.append(tmp)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
+        with os.fdopen(os.open(tmp, EXCLUSIVE, 0o644), "wb") as f:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
@@ -132,6 +147,7 @@ def save(payload: dict, path: str | Path) -> None:
         detail = (cause.strerror or str(cause)) if cause is not None else str(exc).strip().splitlines()[0][:200]
         raise CheckpointWriteError(f"could not write checkpoint {path}: {detail}") from None
     finally:
+        _PARTIAL.remove(tmp)
         try:
             tmp.unlink(missing_ok=True)
         except OSError:  # the file system refuses even that: the temporary name never replaces a checkpoint

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -50,6 +52,10 @@ def yaml_load(text: str):
 
 
 WorkerCount = typing.Union[int, Literal["auto"]]  # a number, or a word chosen for the machine
+MAX_TIMEOUT_S = 365 * 24 * 3600
+MAX_INT = 2**53  # integers above this (or non-finite numbers) are refused: no key means such a value
+# Keys holding paths: ``~`` is expanded when the config is resolved (``os.path.expanduser``, as the SLURM side does).
+PATH_KEYS = ("output_dir", "data.root", "ckpt.resume", "finetune.checkpoint")
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,9 @@ class DataConfig:
     #   ranks, less one for the rank itself, at most 16 (0, loading in the main process, on a core or less per rank)
     decode: Literal["workers", "device"] = "workers"  # imagefolder: workers (PIL decodes in DataLoader workers) or
     #   device (workers read the files; JPEGs are decoded in batches on the training device, nvJPEG on CUDA)
+    max_bad_images: int = 100  # unreadable or undecodable training samples tolerated per epoch, all ranks together
+    #   (each named once and replaced by the next readable one, the same on every rank and after a resume); past it
+    #   the run writes a checkpoint of the last good step and stops (exit 76)
     pin_memory: bool = True  # pinned host memory for DataLoader batches (CUDA only)
     persistent_workers: bool = True  # keep DataLoader workers alive between epochs
     prefetch_factor: int = 2  # batches prefetched per DataLoader worker
@@ -165,7 +174,10 @@ class CheckpointConfig:
     resume: str = "auto"  # auto (newest valid checkpoint in output_dir) | none | PATH
     every_steps: int = 0  # also write last.pt every N steps; 0 = only at epoch ends
     keep: int = 3  # periodic epoch files kept (epoch_XXXX.pt); 0 = keep none, only last.pt/best.pt
-    overwrite: bool = False  # with resume=none: allow starting fresh in a directory that holds a run
+    overwrite: bool = False  # with resume=none: start over in a directory that holds a run (its files are moved
+    #   aside into replaced-<time>/, not deleted)
+    allow_changes: tuple[str, ...] = ()  # keys whose value may differ from the checkpoint's on resume, e.g.
+    #   [optim.lr, optim.weight_decay]: the new values take effect and changes.jsonl records them
 
 
 @dataclass(frozen=True)
@@ -228,27 +240,15 @@ def _coerce(key: str, value: Any, tp: Any, default: Any) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str, float)):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        try:
-            number = float(value) if isinstance(value, str) else value
-        except ValueError:
-            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-        if float(number) != int(number):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return int(number)
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp in (int, float):
+        return _coerce_number(key, value, tp)
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return "" if value is None else str(value)
+        text = "" if value is None else str(value)
+        return os.path.expanduser(text) if key in PATH_KEYS else text
+    if typing.get_origin(tp) is tuple:  # tuple[str, ...]: a list of that element type
+        return _coerce(key, value, tuple, (typing.get_args(tp)[0](),))
     if tp is tuple:
         if isinstance(value, str):
             value = [v for v in value.strip("[]() ").split(",") if v.strip()]
@@ -263,6 +263,33 @@ def _coerce(key: str, value: Any, tp: Any, default: Any) -> Any:
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return {str(k): _coerce(f"{key}.{k}", v, float, None) for k, v in value.items()}
     raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _coerce_number(key: str, value: Any, tp: type) -> int | float:
+    """An int or float key's value: finite, in range, of the right kind (a bool is not a number)."""
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str, float)):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            number = float(value) if isinstance(value, str) else value
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if not math.isfinite(number) or abs(number) > MAX_INT:
+            raise ConfigError(f"{key}: expected an integer of at most {MAX_INT}, got {value!r}")
+        if float(number) != int(number):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(number)
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    except OverflowError:  # an integer too large for a float
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    return number
 
 
 def _build(cls: type, values: dict, prefix: str = "") -> Any:
@@ -404,6 +431,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     """Check every value that can be checked without touching data or devices; raise ConfigError."""
     from ddp_resnet.models import list_models
 
+    if not cfg.output_dir.strip():
+        raise ConfigError("output_dir: must not be empty (it would write into the current directory)")
     if cfg.model.name not in list_models():
         raise ConfigError(f"model.name: unknown model '{cfg.model.name}'; valid choices: {', '.join(list_models())}")
     d, o, t = cfg.data, cfg.optim, cfg.train
@@ -440,6 +469,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _positive("ckpt.every_steps", cfg.ckpt.every_steps, allow_zero=True)
     _positive("ckpt.keep", cfg.ckpt.keep, allow_zero=True)
     _positive("dist.timeout_s", cfg.dist.timeout_s)
+    if cfg.dist.timeout_s > MAX_TIMEOUT_S:
+        raise ConfigError(f"dist.timeout_s: must be at most {MAX_TIMEOUT_S} (a year), got {cfg.dist.timeout_s}")
     _positive("dist.bucket_cap_mb", cfg.dist.bucket_cap_mb, allow_zero=True)
     if cfg.dist.static_graph and o.accum_steps > 1:  # pytorch/pytorch#143580: an internal assert, or wrong grads
         raise ConfigError("dist.static_graph: DDP's static graph breaks under no_sync, so it cannot be combined with "
@@ -601,3 +632,71 @@ def cli(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(cli())
+
+
+# ----------------------------------------------------------------------------------------------- resuming
+# Keys that do not change what a run computes (how it loads, logs, checkpoints, is launched, or runs equally on
+# another device or loader); every other key does, and differing from the checkpoint's value refuses a resume.
+RUN_KEYS = frozenset({
+    "output_dir", "data.root", "data.download", "data.workers", "data.pin_memory", "data.persistent_workers",
+    "data.prefetch_factor", "data.eval_batch_size", "data.loader", "data.decode", "data.max_bad_images",
+    "train.run_steps", "train.device", "train.compile", "train.compile_backend", "train.log_every",
+    "train.eval_every", "train.profile_steps", "train.profile_ranks", "train.nonfinite", "train.max_skipped_steps",
+    "train.deterministic", "train.cudnn_benchmark", "train.channels_last",
+    "ckpt.resume", "ckpt.every_steps", "ckpt.keep", "ckpt.overwrite", "ckpt.allow_changes",
+    "dist.backend", "dist.timeout_s", "dist.bucket_cap_mb", "dist.static_graph", "dist.gradient_as_bucket_view",
+    "dist.forward_sync_buffers",
+})
+# Keys that shape the checkpoint's state (its tensors and optimizer groups): no switch changes them on resume.
+STRUCTURE_KEYS = frozenset({"model.name", "model.stem", "model.blurpool", "data.dataset", "data.batch_size",
+                            "optim.name", "optim.no_wd_bn_bias", "optim.accum_steps", "finetune.stage_lr",
+                            "finetune.freeze", "data.synthetic_train_size", "data.synthetic_classes"})
+LENGTH_KEYS = ("train.epochs", "train.max_steps")  # a longer run: allowed when the schedule does not depend on it
+LENGTH_FREE_SCHEDULES = ("constant", "multistep", "cyclic")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and f"{prefix}{key}" not in ("finetune.stage_lr",):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(saved: dict, cfg: Config) -> list[tuple[str, Any, Any]]:
+    """``(key, saved value, new value)`` for every key that changes what the run computes (RUN_KEYS aside)."""
+    old, new = _flat(saved), _flat(to_dict(cfg))
+    keys = [k for k in new if k not in RUN_KEYS and k not in ("finetune.checkpoint",)]
+    return [(k, old.get(k), new[k]) for k in keys if k in old and _plain(old[k]) != _plain(new[k])]
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def check_resume(saved: dict, cfg: Config, path: str | Path) -> list[tuple[str, Any, Any]]:
+    """The changes a resume of ``path`` (written with config ``saved``) into ``cfg`` makes, all allowed; raise
+    ConfigError in one line listing every key that differs without ``ckpt.allow_changes`` (or cannot change)."""
+    allowed = set(cfg.ckpt.allow_changes)
+    unknown = sorted(k for k in allowed if k not in {r["key"] for r in keys()})
+    if unknown:
+        raise ConfigError(f"ckpt.allow_changes: unknown key {', '.join(unknown)}")
+    changes = config_changes(saved, cfg)
+    fixed = [c for c in changes if c[0] in STRUCTURE_KEYS]
+    if fixed:
+        raise ConfigError(f"checkpoint {path} cannot resume with {_listing(fixed)}: the checkpoint's weights or "
+                          f"optimizer state do not fit; use another output_dir, or ckpt.resume=none "
+                          f"ckpt.overwrite=true to start over")
+    length_free = cfg.optim.schedule in LENGTH_FREE_SCHEDULES
+    refused = [c for c in changes if c[0] not in allowed and not (c[0] in LENGTH_KEYS and length_free)]
+    if refused:
+        raise ConfigError(f"checkpoint {path} was written with another recipe: {_listing(refused)}; resume with the "
+                          f"checkpoint's values, name the keys in ckpt.allow_changes=[...] to change them from here "
+                          f"on, or use another output_dir")
+    return changes
+
+
+def _listing(changes: list) -> str:
+    return ", ".join(f"{key}={new!r} (checkpoint: {old!r})" for key, old, new in changes)

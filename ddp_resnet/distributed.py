@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import traceback
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -99,10 +100,25 @@ def _first_host(nodelist: str) -> str:
     return expand_hostlist(nodelist)[0]
 
 
+PORT_BASE = 10000  # rendezvous ports of srun and local-executor jobs: PORT_BASE .. PORT_BASE + PORT_SPAN - 1
+PORT_SPAN = 22000  # 10000-31999: below Linux's default ephemeral range (32768-60999), where outgoing connections
+#   (another job's NCCL and gloo sockets among them) take their local ports
+
+
 def slurm_port(job_id: str) -> int:
-    """A rendezvous port derived from the job id, so concurrent jobs on one node do not collide."""
-    digits = re.sub(r"\D", "", job_id or "")
-    return 15000 + int(digits[-5:] or 0) % 20000
+    """The rendezvous port of a job: ``PORT_BASE + job id % PORT_SPAN`` (``MASTER_PORT``, when set, wins).
+
+    The whole id counts, so two jobs on one node share a port only if their ids differ by a multiple of
+    ``PORT_SPAN`` (22000) and both run there at once; ids closer than that (jobs submitted near in time) never do.
+    Array tasks need nothing more: each has its own ``SLURM_JOB_ID`` (``SLURM_ARRAY_JOB_ID`` is the array's, the
+    same for all of them), the id ``read_env`` passes. An id that is not a plain number (``"36_2"``, submitit's
+    name for an array task) maps through CRC-32 of its text, so no two forms merge by their digits.
+    """
+    text = (job_id or "").strip()
+    if not text:
+        return PORT_BASE
+    number = int(text) if text.isascii() and text.isdigit() else zlib.crc32(text.encode())
+    return PORT_BASE + number % PORT_SPAN
 
 
 def read_env(environ: dict | None = None) -> LaunchInfo:
@@ -251,6 +267,10 @@ def guarded(work: Callable[[], int], rank: int, what: str, usage_errors: tuple) 
         if rank == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         code = getattr(exc, "exit_code", exitcodes.USAGE)
+    except KeyboardInterrupt:  # Ctrl-C outside training (which stops with a checkpoint instead)
+        print(f"[rank {rank}] interrupted during {what} setup or teardown: nothing more was written",
+              file=sys.stderr, flush=True)
+        code = exitcodes.INTERRUPTED
     except OSError as exc:  # the environment (a disk, a mount) failed, not the run
         print(f"error: [rank {rank}] {exc}", file=sys.stderr, flush=True)
         code = exitcodes.IO_ERROR
@@ -398,11 +418,12 @@ def format_ranks(rows: list[dict]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table)
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)  # SIGINT: Ctrl-C (a second one ends at once)
 
 
 class StopFlag:
-    """Records SIGTERM/SIGUSR2; ranks agree on stopping with a collective at a step boundary.
+    """Records SIGTERM, SIGUSR2 and SIGINT (Ctrl-C; a second one exits at once with 130); ranks agree on stopping
+    with a collective at a step boundary.
 
     With several processes the agreement is pipelined: each step boundary starts an asynchronous all-reduce of
     the local flags (on the CPU gloo control group) and reads the one started a step earlier, so the step never
@@ -410,8 +431,9 @@ class StopFlag:
     after the signal's round was sent.
     """
 
-    def __init__(self):
+    def __init__(self, announce: bool = True):
         self.signum = 0
+        self.interrupted, self.announce = False, announce
         self._previous = {}
         self._pending = None
         self._votes = torch.zeros(1)
@@ -422,6 +444,18 @@ class StopFlag:
                 pass
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.interrupted:  # a second Ctrl-C: leave now, the last checkpoint intact
+            from ddp_resnet import checkpoint
+
+            checkpoint.discard_partial()
+            print(f"interrupted again: exiting at once ({exitcodes.INTERRUPTED}); the last good checkpoint is "
+                  f"untouched", file=sys.stderr, flush=True)
+            os._exit(exitcodes.INTERRUPTED)
+        if signum == signal.SIGINT:
+            self.interrupted = True
+        if signum == signal.SIGINT and self.announce:
+            print("interrupt: stopping at the next step boundary with a checkpoint (Ctrl-C again to exit at once)",
+                  file=sys.stderr, flush=True)
         self.signum = signum
 
     def restore(self) -> None:

@@ -13,6 +13,9 @@ NO_REQUEUE = 3  # ``python -m ddp_resnet.slurm.job``'s answer "do not requeue"
 NONFINITE = 65  # EX_DATAERR: the loss or gradient norm became non-finite (``train.nonfinite``); no checkpoint after it
 NO_INPUT = 66  # EX_NOINPUT: predict could decode not one of its input files (nothing written)
 HUNG = 70  # EX_SOFTWARE: the watchdog saw no progress for ``dist.timeout_s`` (a peer stopped, died or deadlocked)
+BAD_DATA = 76  # more than data.max_bad_images samples could not be read or decoded; a checkpoint of the last good
+#   step was written (fix or remove the files, then resume)
+INTERRUPTED = 130  # a second Ctrl-C (SIGINT) ended the process at once; the last good checkpoint is untouched
 IO_ERROR = 74  # EX_IOERR: the environment failed (a checkpoint write, a full or read-only disk)
 STOPPED = 75  # EX_TEMPFAIL: a stop signal arrived, the ranks agreed, last.pt was written: resume with the same command
 
@@ -26,4 +29,6 @@ DESCRIPTIONS = {
     HUNG: "no progress for dist.timeout_s (the watchdog)",
     IO_ERROR: "the environment failed: a checkpoint write or the disk",
     STOPPED: "stopped by a signal with last.pt written: rerun or requeue to resume exactly",
+    BAD_DATA: "more than data.max_bad_images unreadable samples; last.pt of the last good step written",
+    INTERRUPTED: "a second Ctrl-C: ended at once, the last good checkpoint untouched",
 }

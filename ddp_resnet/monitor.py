@@ -5,6 +5,7 @@
 * ``TrainClock``: training time, with evaluation and checkpoints kept out by one context manager.
 * ``NonFinitePolicy`` (over ``NonFiniteWatch``, which remembers on the device the first step whose loss or gradient
   norm was not finite): ``train.nonfinite``'s stop or skip, checked before every collective and checkpoint.
+* ``BadSamples``: the samples the loaders could not read and replaced, named once, counted per epoch, limited.
 * ``rank_spread``: each rank's data-wait and forward time of an epoch, gathered to rank 0 (stragglers).
 * ``ProfilerWindow``: a torch.profiler trace of ``train.profile_steps=START:END``.
 * ``Watchdog``: ends a process that makes no progress for ``dist.timeout_s``, saying where it waited.
@@ -217,6 +218,54 @@ class NonFinitePolicy:
                                 f"stopped without writing a checkpoint; {state.newest_good()}")
         self.note(f"warning: {message}: update skipped on every rank ({state.skipped_steps} of at most "
                   f"{self.max_skipped})")
+
+
+class BadDataStop(RuntimeError):
+    """More unreadable samples than ``data.max_bad_images`` in an epoch; the message is the one line to print."""
+
+
+class BadSamples:
+    """Samples the loaders could not read and replaced (``take_bad()``): gathered to rank 0 at each logging interval
+    and epoch end (a CPU collective, with the non-finite check), each file named once in the run, counted per epoch
+    over every rank; past ``data.max_bad_images`` in an epoch ``check`` raises on every rank."""
+
+    def __init__(self, limit: int, env, control_group):
+        self.limit, self.env, self.group = limit, env, control_group
+        self.named: set[str] = set()
+        self.pending: list[tuple[str, str]] = []  # this rank's events since the last check (training loader)
+        self.pending_eval: list[tuple[str, str]] = []
+        self.epoch_total = 0  # every rank's training samples replaced this epoch, as of the last check
+
+    def collect(self, train_loader, eval_loader) -> None:
+        """Take the loaders' new events (no collective)."""
+        self.pending += [tuple(b) for b in train_loader.take_bad()]
+        self.pending_eval += [tuple(b) for b in eval_loader.take_bad()]
+
+    def check(self, step: int) -> None:
+        """Agree on the events (a collective): rank 0 names the new files, every rank counts; past the limit
+        BadDataStop is raised on every rank."""
+        mine = (self.pending, self.pending_eval)
+        rows = [mine]
+        if self.env.distributed:
+            rows = [None] * self.env.world_size
+            torch.distributed.all_gather_object(rows, mine, group=self.group)
+        self.pending, self.pending_eval = [], []
+        self.epoch_total += sum(len(train) for train, _ in rows)
+        for path, reason in (event for row in rows for events in row for event in events):
+            if path not in self.named:
+                self.named.add(path)
+                if self.env.is_main:
+                    print(f"warning: unreadable sample {path} ({reason}): replaced by the next readable one",
+                          file=sys.stderr, flush=True)
+        if self.epoch_total > self.limit:
+            raise BadDataStop(f"{self.epoch_total} unreadable training samples this epoch (data.max_bad_images="
+                              f"{self.limit}) by step {step}; each was named above; fix or remove the files (python "
+                              f"-m ddp_resnet.data.prepare --check DIR lists them), then resume")
+
+    def end_epoch(self) -> int:
+        """The epoch's count over every rank (after its last check), and a new epoch."""
+        total, self.epoch_total = self.epoch_total, 0
+        return total
 
 
 def rank_spread(env, control_group, data_wait_s: float, forward_s: float) -> dict | None:

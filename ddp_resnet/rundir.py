@@ -8,6 +8,8 @@
                  tb/               TensorBoard events
                  profile/          torch.profiler traces (train.profile_steps)
                  checkpoints/      last.pt, epoch_XXXX.pt, best.pt (written by ``checkpoint``)
+                 changes.jsonl     keys changed on resume (ckpt.allow_changes): step, key, old and new value
+                 replaced-<time>/  an older run's files, moved aside by ckpt.overwrite=true
 
 Report, experiments and the SLURM job side read these through the functions here, never by hand.
 """
@@ -26,7 +28,9 @@ from ddp_resnet import checkpoint as ckpt
 from ddp_resnet.config import Config, ConfigError, save_yaml
 
 METRICS, STEPS, BEST_EVAL, CONFIG = "metrics.jsonl", "steps.jsonl", "best_eval.json", "config.yaml"
-CHECKPOINTS, TENSORBOARD, PROFILE = "checkpoints", "tb", "profile"
+CHECKPOINTS, TENSORBOARD, PROFILE, CHANGES = "checkpoints", "tb", "profile", "changes.jsonl"
+RUN_FILES = (CONFIG, METRICS, STEPS, BEST_EVAL, CHANGES, CHECKPOINTS, TENSORBOARD, PROFILE)  # what a run writes
+EXCLUSIVE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)  # never through a planted link
 
 
 class RunDirError(RuntimeError):
@@ -43,7 +47,13 @@ class RunLock:
 
     def __enter__(self) -> RunLock:
         self.out.mkdir(parents=True, exist_ok=True)
-        handle = open(self.out / ".lock", "a+")
+        path = self.out / ".lock"
+        try:  # an existing lock file is reused (a crashed job's); a symbolic link planted there is refused
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as exc:
+            raise ConfigError(f"output_dir {self.out}: cannot open its lock file {path}: "
+                              f"{exc.strerror or exc}") from None
+        handle = os.fdopen(fd, "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -76,7 +86,9 @@ def check_writable(out: str | Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / CHECKPOINTS).mkdir(exist_ok=True)
-        probe.write_bytes(b"ok")
+        fd = os.open(probe, EXCLUSIVE, 0o600)
+        os.write(fd, b"ok")
+        os.close(fd)
         probe.unlink()
     except OSError as exc:
         where = exc.filename or out
@@ -87,6 +99,33 @@ def holds_run(out: str | Path) -> bool:
     """True when the directory holds a run (a checkpoint or metrics)."""
     out = Path(out)
     return bool(ckpt.candidates(out / CHECKPOINTS)) or (out / METRICS).is_file()
+
+
+def move_aside(out: str | Path) -> Path:
+    """Move a run's files (config, metrics, checkpoints, TensorBoard, ...) into ``replaced-<UTC time>/`` beside
+    them, so a run that starts over never mixes with nor deletes the one before; returns that folder."""
+    import time
+
+    out = Path(out)
+    stamp = time.strftime("replaced-%Y%m%dT%H%M%SZ", time.gmtime())
+    for n in range(100):
+        aside = out / (stamp if n == 0 else f"{stamp}-{n}")
+        try:
+            aside.mkdir()
+            break
+        except FileExistsError:
+            continue
+    for name in RUN_FILES:
+        if (out / name).exists() or (out / name).is_symlink():
+            os.replace(out / name, aside / name)
+    return aside
+
+
+def record_changes(out: str | Path, step: int, changes: list) -> None:
+    """Append each key changed on resume (``ckpt.allow_changes``) to changes.jsonl: step, key, old, new."""
+    with open(Path(out) / CHANGES, "a") as fh:
+        for key, old, new in changes:
+            fh.write(json.dumps({"step": step, "key": key, "old": old, "new": new}) + "\n")
 
 
 def write_config(cfg: Config) -> None:

@@ -142,6 +142,26 @@ def training_payload(step: TrainStep, counters: dict, config: dict, rng: list, w
     }
 
 
+def hyperparameters(step: TrainStep) -> tuple[list[dict], list[float]]:
+    """The optimizer's per-group values (all but the parameters) and the schedule's base learning rates, as this
+    run's config built them."""
+    groups = [{k: v for k, v in group.items() if k != "params"} for group in step.optimizer.param_groups]
+    return groups, list(step.scheduler.base_lrs)
+
+
+def apply_hyperparameters(step: TrainStep, values: tuple[list[dict], list[float]]) -> None:
+    """Put this run's optimizer and schedule values (``hyperparameters``) over a restored checkpoint's: the
+    momentum buffers and the step count stay, the learning rate follows the new peak and schedule at this step."""
+    groups, base_lrs = values
+    scheduler = step.scheduler
+    for group, fresh in zip(step.optimizer.param_groups, groups):
+        group.update({k: v for k, v in fresh.items() if k != "lr"})
+    scheduler.base_lrs = base_lrs
+    for group, base, factor in zip(step.optimizer.param_groups, base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in step.optimizer.param_groups]
+
+
 def restore_modules(step: TrainStep, payload: dict) -> None:
     """Load a checkpoint's weights, optimizer, schedule, scaler and EMA into the step's modules."""
     step.bare.load_state_dict(payload["model"])

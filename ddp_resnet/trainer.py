@@ -33,8 +33,9 @@ from ddp_resnet import data as data_mod
 from ddp_resnet.config import Config, ConfigError
 from ddp_resnet.engine import TrainStep, evaluate
 from ddp_resnet.monitor import NonFiniteStop
+from ddp_resnet.optim import lr_factor
 from ddp_resnet.rundir import format_duration
-from ddp_resnet.state import TrainState, restore_modules, training_payload
+from ddp_resnet.state import TrainState, apply_hyperparameters, hyperparameters, restore_modules, training_payload
 
 HEALTH_CHECK_S = 60  # every rank must answer the start-up health check within this (or dist.timeout_s if shorter)
 
@@ -68,6 +69,7 @@ class Plan:
     info: data_mod.DataInfo | None = None  # None for ImageFolder data: indexed once, after the group exists
     resume_path: Path | None = None
     payload: dict | None = None
+    changes: list = field(default_factory=list)  # (key, checkpoint's value, new value) allowed on resume
     warnings: list = field(default_factory=list)
 
 
@@ -104,7 +106,13 @@ def plan_run(cfg: Config, launch: distributed.LaunchInfo) -> Plan:
 def _plan_resume(plan: Plan) -> None:
     cfg, out, resume = plan.cfg, Path(plan.cfg.output_dir), plan.cfg.ckpt.resume
     if resume == "auto":
-        found = ckpt.load_latest_valid(out / rundir.CHECKPOINTS, "cpu", warn=plan.warnings.append)
+        failures: list[str] = []
+        found = ckpt.load_latest_valid(out / rundir.CHECKPOINTS, "cpu", warn=failures.append)
+        plan.warnings += failures
+        if found is None and failures:  # the run's history is there but unusable: never start over silently
+            raise ConfigError(f"output_dir {out} holds checkpoints but none loads: "
+                              f"{'; '.join(f.removeprefix('warning: ') for f in failures)}; to start over, use "
+                              f"ckpt.resume=none ckpt.overwrite=true (the old run's files are moved aside)")
         if found is None:
             return
         plan.resume_path, plan.payload = found
@@ -114,8 +122,21 @@ def _plan_resume(plan: Plan) -> None:
         except ckpt.CheckpointError as exc:
             raise ConfigError(f"ckpt.resume: {exc}") from None
         plan.resume_path = Path(resume)
+    if isinstance(plan.payload.get("config"), dict):
+        plan.changes = config_mod.check_resume(plan.payload["config"], cfg, plan.resume_path)
     if plan.info is not None:
-        ckpt.check_compatible(plan.payload, cfg.model.name, plan.info.num_classes, plan.resume_path)
+        check_resumable(plan, plan.info)
+
+
+def check_resumable(plan: Plan, info: data_mod.DataInfo) -> None:
+    """The planned checkpoint fits this run's network and data: the model, its classes, the steps per epoch."""
+    cfg, payload, path = plan.cfg, plan.payload, plan.resume_path
+    ckpt.check_compatible(payload, cfg.model.name, info.num_classes, path)
+    spe = build.steps_per_epoch(cfg, info, plan.launch.world_size)
+    saved = int(payload.get("steps_per_epoch", spe))
+    if saved != spe:
+        raise ConfigError(f"checkpoint {path} was written with {saved} steps per epoch, this run has {spe}: "
+                          f"data.batch_size or the dataset changed")
 
 
 # -------------------------------------------------------------------------------------------- the run
@@ -231,6 +252,7 @@ class Trainer:
         self.nonfinite = monitor.NonFinitePolicy(cfg.train.nonfinite, cfg.train.max_skipped_steps,
                                                  self.train_step.settings, env, self.state, lambda m: log(env, m))
         self.checkpointer = Checkpointer(self.out, cfg.ckpt.keep, env, self.control)
+        self.bad = monitor.BadSamples(cfg.data.max_bad_images, env, self.control)
         self.validator = Validator(cfg, info, env, eval_loader, self.train_step, self.steps_per_epoch,
                                    self.total_steps)
         self.compiled_sides: set[int] = set()  # training sides torch.compile has compiled
@@ -246,9 +268,17 @@ class Trainer:
             getattr(callback, event)(self, *args)
 
     # ------------------------------------------------------------------------------------- checkpoints
-    def restore(self, payload: dict, path: Path) -> None:
-        """Load a checkpoint's state into this rank's modules and counters."""
+    def restore(self, payload: dict, path: Path, changes: list = ()) -> None:
+        """Load a checkpoint's state into this rank's modules and counters; with ``changes`` (allowed by
+        ``ckpt.allow_changes``) this config's optimizer and schedule values replace the checkpoint's."""
+        fresh = hyperparameters(self.train_step)
         restore_modules(self.train_step, payload)
+        if changes:
+            apply_hyperparameters(self.train_step, fresh)
+            for key, old, new in changes:
+                log(self.env, f"note: {key} changed from {old!r} to {new!r} at step {payload['step']}"
+                              f"{self._length_note(payload) if key in config_mod.LENGTH_KEYS else ''} (recorded in "
+                              f"{rundir.CHANGES})")
         self.state.load_state_dict(payload, path, self.env.is_main)
         saved_world = payload["manifest"]["world_size"]
         rngs = payload["rng"]
@@ -261,6 +291,19 @@ class Trainer:
             ckpt.set_rng_state(rngs[0])
         log(self.env, f"resumed from {path}: step {self.state.step}/{self.total_steps} (epoch {self.state.epoch}, "
                       f"step {self.state.position} of it)")
+
+    def _length_note(self, payload: dict) -> str:
+        """What a new run length does to the schedule, from the resumed step on."""
+        o, step = self.cfg.optim, int(payload["step"])
+        if o.schedule in config_mod.LENGTH_FREE_SCHEDULES:
+            return f": the {o.schedule} schedule does not depend on the run's length; {self.total_steps} steps now"
+        saved = payload["config"]["train"]
+        old_total = saved.get("max_steps") or saved["epochs"] * self.steps_per_epoch
+        peak = self.train_step.scheduler.base_lrs[0]
+        before = peak * lr_factor(step, o, old_total, self.steps_per_epoch)
+        after = peak * lr_factor(step, o, self.total_steps, self.steps_per_epoch)
+        return (f": the {o.schedule} schedule is redefined over {self.total_steps} steps (was {old_total}); the "
+                f"learning rate at this step goes from {before:.4g} to {after:.4g}")
 
     def payload(self) -> dict:
         """The full training state (every rank must call this: it gathers RNG states and the epoch's sums)."""
@@ -317,6 +360,7 @@ class Trainer:
                   "img_per_s": sums["count"] / max(state.epoch_train_time, 1e-9)}
         if self.cfg.train.nonfinite == "skip":
             record["skipped_steps"] = state.skipped_steps
+        record["bad_images"] = self.bad.end_epoch()
         state.epoch_forward += self.train_step.timer.take()
         spread = monitor.rank_spread(self.env, self.control, state.epoch_data_wait, state.epoch_forward)
         if spread is not None:
@@ -359,16 +403,16 @@ class Trainer:
 
     def fit(self) -> int:
         """Train until the schedule ends, ``run_steps`` is reached, a stop signal arrives, or training diverges."""
-        stop = distributed.StopFlag()
+        stop = distributed.StopFlag(announce=self.env.is_main)
         writer = rundir.MetricsWriter(self.out, self.env.is_main, self.state.step, self.steps_per_epoch)
         self.watchdog = monitor.Watchdog(self.cfg.dist.timeout_s, self.env.rank, self.state.where)
         try:
             try:
                 code = self._fit(stop, writer)
-            except NonFiniteStop as exc:  # every rank raised it at the same step
+            except (NonFiniteStop, monitor.BadDataStop) as exc:  # every rank raised it at the same step
                 if self.env.is_main:
                     print(f"error: {exc}", file=sys.stderr, flush=True)
-                code = exitcodes.NONFINITE
+                code = exitcodes.NONFINITE if isinstance(exc, NonFiniteStop) else exitcodes.BAD_DATA
             stop.drain()  # the last agreement round, started on every rank, completes before the group is reused
             return code
         finally:
@@ -394,8 +438,9 @@ class Trainer:
             self._train_step(batches, meter, profiler)
             epoch_done = state.position == 0 or state.step == self.total_steps
             if state.step % cfg.train.log_every == 0 or epoch_done:
-                self.beat("the non-finite check (it gathers every rank's flags)")
+                self.beat("the non-finite and unreadable-sample checks (they gather every rank's)")
                 self.nonfinite.check()
+                self._check_data()
             if state.step % cfg.train.log_every == 0:
                 self._log_interval(meter, writer)
             self.beat("the stop-signal agreement (a gloo all-reduce with every rank)")
@@ -414,6 +459,16 @@ class Trainer:
             if stopping or out_of_budget:
                 code = self._stopped_here(stopping)
         return code if code is not None else self._done(run_start, start_step)
+
+    def _check_data(self) -> None:
+        """Unreadable samples so far this epoch, agreed; past the limit a checkpoint of this (good) step is written
+        and BadDataStop raised on every rank."""
+        self.bad.collect(self.train_loader, self.validator.loader)
+        try:
+            self.bad.check(self.state.step)
+        except monitor.BadDataStop as exc:
+            self.save()
+            raise monitor.BadDataStop(f"{exc}; last.pt of step {self.state.step} was written") from None
 
     def _start_epoch(self):
         """The epoch's loader iterator, positioned at the resumed step; the epoch's accumulators zeroed."""
@@ -461,9 +516,14 @@ def run(plan: Plan, env: distributed.DistEnv, callbacks=()) -> int:
         info = data_mod.describe(cfg.data, share=lambda fn: distributed.share_from_rank0(fn, env))
         check_data(cfg, info)
         if plan.payload is not None:
-            ckpt.check_compatible(plan.payload, cfg.model.name, info.num_classes, plan.resume_path)
-    if env.is_main:
+            check_resumable(plan, info)
+    if env.is_main:  # every check has passed: now the run directory is written
+        if cfg.ckpt.resume == "none" and cfg.ckpt.overwrite and rundir.holds_run(cfg.output_dir):
+            moved = rundir.move_aside(cfg.output_dir)
+            log(env, f"ckpt.overwrite=true: the previous run's files were moved to {moved}")
         rundir.write_config(cfg)
+        if plan.changes:
+            rundir.record_changes(cfg.output_dir, int(plan.payload["step"]), plan.changes)
     for warning in plan.warnings:
         log(env, warning)
     trainer = Trainer(cfg, info, env, callbacks, control)
@@ -476,6 +536,6 @@ def run(plan: Plan, env: distributed.DistEnv, callbacks=()) -> int:
              f"{env.backend or 'no process group'}, {env.device}) | global batch {cfg.data.batch_size} | "
              f"{trainer.steps_per_epoch} steps/epoch, {trainer.total_steps} steps | output {cfg.output_dir}")
     if plan.payload is not None:
-        trainer.restore(plan.payload, plan.resume_path)
+        trainer.restore(plan.payload, plan.resume_path, plan.changes)
         plan.payload = None
     return trainer.fit()

@@ -4,6 +4,13 @@ Files already on disk are read as they are (no checksum: local copies may be rep
 to a temporary file, its MD5 checked against the official archive's before anything is extracted, and both the
 archive and the extracted folder are moved into place with atomic renames, so concurrent callers (several ranks
 on one node) cannot observe a half-written dataset.
+
+Batch files are data, never code: they are read by a restricted unpickler (``_CifarUnpickler``) that builds only
+what CIFAR batches hold (dicts, lists, strings, bytes, numbers, numpy arrays and scalars); a pickle that asks for
+any other global (``os.system``, ``builtins.exec``, ...) is refused in one line naming the file and the global, and
+nothing of it runs. Each batch is checked once on load: ``data`` a uint8 array of N x 3072, as many labels as
+images, every label in ``[0, number of classes in the meta file)``; a truncated or corrupt file is one line naming
+it. Files written by Python 2 (the official ones) or 3, numpy 1 or 2, pickle protocols 2 to 5 all read.
 """
 
 from __future__ import annotations
@@ -163,25 +170,116 @@ def download_cifar(root: str | os.PathLike, name: str, url: str | None = None) -
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode`` as Python 3 pickles bytes under protocol 2 (``encode(str, 'latin1')``); nothing else."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"_codecs.encode({type(text).__name__}, {encoding!r}) is not bytes data")
+    return text.encode("latin1")
+
+
+def _empty_bytes() -> bytes:
+    """``bytes()``: how Python 3 pickles an empty bytes object under protocol 2."""
+    return b""
+
+
+def _allowed_globals() -> dict[tuple[str, str], object]:
+    """The callables a CIFAR batch's pickle may name, whichever numpy wrote it (1.x ``numpy.core``, 2.x
+    ``numpy._core``): array and dtype reconstruction, numpy scalars, protocol 5 buffers, protocol-2 bytes."""
+    reconstruct = np.zeros(1).__reduce__()[0]
+    frombuffer = np.zeros(1).__reduce_ex__(5)[0]
+    scalar = np.int64(0).__reduce__()[0]
+    allowed: dict[tuple[str, str], object] = {
+        ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): _latin1_encode,
+        ("__builtin__", "bytes"): _empty_bytes, ("builtins", "bytes"): _empty_bytes}
+    for core in ("numpy.core", "numpy._core"):
+        allowed.update({(f"{core}.multiarray", "_reconstruct"): reconstruct, (f"{core}.multiarray", "scalar"): scalar,
+                        (f"{core}.numeric", "_frombuffer"): frombuffer})
+    return allowed
+
+
+class _Refused(Exception):
+    """A pickle asked for a global outside ``_allowed_globals``."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds only dicts, lists, strings, bytes, numbers and numpy arrays: data never runs code."""
+
+    allowed = _allowed_globals()
+
+    def find_class(self, module: str, name: str):
+        """The allowed callable, or ``_Refused`` naming what was asked for."""
+        try:
+            return self.allowed[(module, name)]
+        except KeyError:
+            raise _Refused(f"{module}.{name}") from None
+
+
 def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as fh:
-        return pickle.load(fh, encoding="latin1")
+    """A CIFAR pickle (a dict; bytes keys read as str) through ``_CifarUnpickler``; one-line ``ConfigError``s."""
+    try:
+        with open(path, "rb") as fh:
+            payload = _CifarUnpickler(fh, encoding="latin1").load()
+    except _Refused as exc:
+        raise ConfigError(f"data.root: {path} asks the unpickler to call {exc}; refused: a CIFAR batch holds only "
+                          "dicts, lists, strings, numbers and numpy arrays (is it the real file?)") from None
+    except OSError as exc:
+        raise ConfigError(f"data.root: cannot read {path}: {exc.strerror or exc}") from None
+    except Exception as exc:  # noqa: BLE001 - truncated or corrupt: whatever the unpickler raises
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ConfigError(f"data.root: {path} is truncated or corrupt ({type(exc).__name__}"
+                          f"{': ' + reason if reason else ''}); replace it") from None
+    if not isinstance(payload, dict):
+        raise ConfigError(f"data.root: {path} holds a {type(payload).__name__}, not the dict of a CIFAR batch file")
+    return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in payload.items()}
+
+
+def _field(path: Path, batch: dict, key: str):
+    if key not in batch:
+        raise ConfigError(f"data.root: {path} has no {key!r} entry (keys: {', '.join(map(str, batch))})")
+    return batch[key]
 
 
 def read_class_names(root: str | os.PathLike, name: str) -> list[str]:
-    """Class names from the meta file."""
+    """Class names from the meta file (a non-empty list of strings, checked)."""
     spec = SPECS[name]
-    return [str(n) for n in _unpickle(cifar_dir(root, name) / spec.meta_file)[spec.names_key]]
+    path = cifar_dir(root, name) / spec.meta_file
+    names = _field(path, _unpickle(path), spec.names_key)
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, (str, bytes)) for n in names):
+        raise ConfigError(f"data.root: {path}: {spec.names_key!r} must be a non-empty list of class names")
+    return [n.decode("latin1") if isinstance(n, bytes) else n for n in names]
 
 
-def read_cifar_split(root: str | os.PathLike, name: str, train: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Read a split: ``(images uint8 N x 32 x 32 x 3 (NHWC), labels int64 N)``."""
+def _checked_batch(path: Path, batch: dict, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(data uint8 N x 3072, labels int64 N)`` of one batch, or a one-line ``ConfigError`` saying what is wrong."""
+    data, labels = _field(path, batch, "data"), _field(path, batch, label_key)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        got = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise ConfigError(f"data.root: {path}: 'data' must be a uint8 array of shape N x 3072, got a {got}")
+    try:
+        values = np.asarray(labels)
+    except (ValueError, TypeError):
+        values = np.asarray([None])
+    if values.ndim != 1 or (values.size and values.dtype.kind not in "iu"):
+        raise ConfigError(f"data.root: {path}: {label_key!r} must be a list of integer labels")
+    if len(values) != len(data):
+        raise ConfigError(f"data.root: {path}: {len(values)} labels for {len(data)} images")
+    bad = np.flatnonzero((values < 0) | (values >= num_classes))
+    if bad.size:
+        raise ConfigError(f"data.root: {path}: label {values[bad[0]]} (image {bad[0]}) is outside [0, {num_classes}):"
+                          f" the meta file names {num_classes} classes ({bad.size} bad label(s) in this file)")
+    return data, values.astype(np.int64)
+
+
+def read_cifar_split(root: str | os.PathLike, name: str, train: bool,
+                     num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read a split, checked (shapes, counts, labels in ``[0, num_classes)``, by default the meta file's count):
+    ``(images uint8 N x 32 x 32 x 3 (NHWC), labels int64 N)``."""
     spec = SPECS[name]
     folder = cifar_dir(root, name)
+    num_classes = len(read_class_names(root, name)) if num_classes is None else num_classes
     images, labels = [], []
     for fname in spec.train_files if train else spec.test_files:
-        batch = _unpickle(folder / fname)
-        data = np.asarray(batch["data"], dtype=np.uint8)
+        data, batch_labels = _checked_batch(folder / fname, _unpickle(folder / fname), spec.label_key, num_classes)
         images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        labels.append(np.asarray(batch[spec.label_key], dtype=np.int64))
+        labels.append(batch_labels)
     return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels)

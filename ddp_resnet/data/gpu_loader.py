@@ -62,6 +62,10 @@ class GPUTrainLoader:
     def __len__(self) -> int:
         return self.num_batches
 
+    def take_bad(self) -> list[tuple[str, str]]:
+        """Always empty: in-memory data has no unreadable files (the loaders' common contract)."""
+        return []
+
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """The next iteration yields epoch ``epoch`` from batch ``start_batch`` on (which is then reset to 0)."""
         if not 0 <= start_batch <= self.num_batches:

@@ -21,6 +21,14 @@ Per-epoch behaviour belongs to the loaders: ``set_epoch(epoch, start_batch)`` se
 the repeat index), and with progressive resizing (``schedule.py``) the epoch's training side.
 
 In both, the union over ranks of their batch ``i`` is the single-process batch ``i`` of the same global size.
+
+Bad files (ImageFolder): a sample whose file cannot be read or decoded, in a worker or (``data.decode=device``) by
+the device decoder, is replaced by the next index that reads (``i+1, i+2, ...`` modulo N) transformed with the
+draws of the original index ``i``, so the batch stays a pure function of ``(seed, epoch, i)``: the same on every
+rank, for every worker count and after a mid-epoch resume. Workers flag the substitutes (``_Flagged``: a third
+batch element that ``__iter__`` strips; batches stay ``(images, labels)``), and every loader has ``take_bad()``:
+the ``(path, reason)`` of each substituted sample yielded since the last call (always empty for in-memory data).
+What to do about them (name each once, count per epoch, stop past ``data.max_bad_images``) is the trainer's.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
 from ddp_resnet.config import ConfigError, DataConfig
 from ddp_resnet.data import cifar, imagefolder, synthetic
@@ -120,9 +129,9 @@ def _load_tensor_data(key: tuple) -> _TensorData:
         names = [f"class_{i}" for i in range(n_classes)]
     else:
         name, root, _ = key
-        tx, ty = cifar.read_cifar_split(root, name, train=True)
-        vx, vy = cifar.read_cifar_split(root, name, train=False)
         names = cifar.read_class_names(root, name)
+        tx, ty = cifar.read_cifar_split(root, name, train=True, num_classes=len(names))
+        vx, vy = cifar.read_cifar_split(root, name, train=False, num_classes=len(names))
     return _TensorData(*(torch.from_numpy(a) for a in (tx, ty, vx, vy)), names)
 
 
@@ -282,11 +291,16 @@ class _TensorTrainDataset(_TrainItems):
         return self.finish(image, key, index), label
 
 
+BadSample = tuple[str, str]  # (path, reason) of a sample whose file could not be read, replaced by another
+
+
 class _FolderTrainDataset(_TrainItems):
     """ImageFolder training items -> ``(uint8 C x S x S, label)``.
 
     ``rrc_flip``: RandomResizedCrop(scale 0.08-1) + flip; otherwise resize the shorter side to S, center-crop S,
     then (``flip``/``crop_flip``) the same crop/flip as for in-memory datasets. S follows ``schedule`` if given.
+    A file that cannot be read or decoded is replaced by the next sample that can (``imagefolder.read_first``),
+    transformed with the original index's draws; ``flagged`` says so.
     """
 
     def __init__(self, samples: Sequence[tuple[str, int]], size: int, augment: str, padding: int, seed: int,
@@ -299,9 +313,14 @@ class _FolderTrainDataset(_TrainItems):
         return len(self.samples)
 
     def __getitem__(self, item: tuple[int, ...]) -> tuple[torch.Tensor, int]:
+        image, label, _ = self.flagged(item)
+        return image, label
+
+    def flagged(self, item: tuple[int, ...]) -> tuple[torch.Tensor, int, BadSample | None]:
+        """``(image, label, bad)``: ``bad`` is ``(path, reason)`` when the sample's file was replaced, else None."""
         index, epoch, key = unpack_item(item)
-        path, label = self.samples[index]
-        img = imagefolder.load_rgb(path)
+        source, img, bad = imagefolder.read_first(self.samples, index, imagefolder.load_rgb)
+        label = self.samples[source][1]
         size = self.size_at(epoch)
         if self.augment == "rrc_flip":
             rng = sample_rng(self.seed, key, index)
@@ -309,12 +328,12 @@ class _FolderTrainDataset(_TrainItems):
             img = TF.resized_crop(img, top, left, h, w, [size, size], antialias=True)
             if rng.random() < 0.5:
                 img = TF.hflip(img)
-            return self.finish(TF.pil_to_tensor(img), key, index), label
+            return self.finish(TF.pil_to_tensor(img), key, index), label, bad
         image = np.asarray(TF.center_crop(TF.resize(img, size, antialias=True), size))
         if self.augment != "none":
             dy, dx, flip = crop_flip_params_one(self.seed, key, index, 2 * self.padding)
             image = crop_flip_one(image, dy, dx, flip, size, self.padding)
-        return self.finish(hwc_to_chw_tensor(image), key, index), label
+        return self.finish(hwc_to_chw_tensor(image), key, index), label, bad
 
 
 def eval_geometry(data_cfg: DataConfig, info: DataInfo) -> tuple[int, int]:
@@ -351,7 +370,8 @@ def eval_transform(data_cfg: DataConfig, info: DataInfo) -> EvalTransform:
 
 
 class _FolderEvalDataset(Dataset):
-    """ImageFolder evaluation items: resize the shorter side to ``resize``, center-crop ``size``."""
+    """ImageFolder evaluation items: resize the shorter side to ``resize``, center-crop ``size`` (an unreadable
+    file replaced by the next readable sample, as in training; ``flagged`` says so)."""
 
     def __init__(self, samples: Sequence[tuple[str, int]], size: int, resize: int):
         self.samples, self.transform = samples, EvalTransform(size, resize, folder=True)
@@ -360,8 +380,39 @@ class _FolderEvalDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[index]
-        return self.transform(imagefolder.load_rgb(path)), label
+        image, label, _ = self.flagged(index)
+        return image, label
+
+    def flagged(self, index: int) -> tuple[torch.Tensor, int, BadSample | None]:
+        """``(image, label, bad)`` as ``_FolderTrainDataset.flagged``."""
+        source, img, bad = imagefolder.read_first(self.samples, index, imagefolder.load_rgb)
+        return self.transform(img), self.samples[source][1], bad
+
+
+class _Flagged(Dataset):
+    """A folder dataset seen through its ``flagged`` items, ``(image, label, bad)``: what the loaders batch, so
+    that each batch says which of its samples were substituted (``collate_flagged``)."""
+
+    def __init__(self, dataset: _FolderTrainDataset | _FolderEvalDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        return self.dataset.flagged(item)
+
+
+def collate_flagged(items: list) -> tuple[torch.Tensor, torch.Tensor, list[BadSample]]:
+    """``(images, labels, bad)``: the default collation of the images and labels, and the ``(path, reason)`` of
+    the batch's substituted samples in batch order."""
+    images, labels = default_collate([(image, label) for image, label, _ in items])
+    return images, labels, [bad for _, _, bad in items if bad]
+
+
+def _flagged(dataset: Dataset) -> Dataset:
+    """The dataset the loaders batch: a folder dataset's flagged view, any other dataset as it is."""
+    return _Flagged(dataset) if isinstance(dataset, (_FolderTrainDataset, _FolderEvalDataset)) else dataset
 
 
 # ------------------------------------------------------------------------------------------ DataLoader path
@@ -412,30 +463,47 @@ def with_workers(cfg: DataConfig, local_world_size: int = 1) -> DataConfig:
     return dataclasses.replace(cfg, workers=auto_workers(local_world_size))
 
 
-def _loader_kwargs(cfg: DataConfig, device: torch.device, decoder: DeviceDecoder | None = None) -> dict:
-    """DataLoader arguments; encoded batches (device decoding) are not pinned: the decoder reads them on the host."""
+def ignore_interrupts(worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT: a Ctrl-C reaches the whole process group, and the trainer turns it into a
+    coordinated stop with a checkpoint, for which its workers must stay alive."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _loader_kwargs(cfg: DataConfig, device: torch.device, decoder: DeviceDecoder | None = None,
+                   dataset: Dataset | None = None) -> dict:
+    """DataLoader arguments; encoded batches (device decoding) are not pinned: the decoder reads them on the host.
+    Encoded and flagged (``_Flagged``) items have their own collation."""
     pin = cfg.pin_memory and device.type == "cuda" and decoder is None
     # A private generator: iterating a DataLoader would otherwise draw its workers' base seed from torch's global
     # generator, shifting the training step's own draws (dropout) by where a run was resumed.
     kwargs: dict = {"num_workers": cfg.workers, "pin_memory": pin, "generator": torch.Generator().manual_seed(0)}
     if decoder is not None:
         kwargs["collate_fn"] = collate_encoded
+    elif isinstance(dataset, _Flagged):
+        kwargs["collate_fn"] = collate_flagged
     if cfg.workers > 0:
-        kwargs.update(persistent_workers=cfg.persistent_workers, prefetch_factor=cfg.prefetch_factor)
+        kwargs.update(persistent_workers=cfg.persistent_workers, prefetch_factor=cfg.prefetch_factor,
+                      worker_init_fn=ignore_interrupts)
     return kwargs
 
 
 class _Transfer:
-    """A decoded ``(images, labels)`` batch to the device (asynchronously from pinned memory)."""
+    """A decoded ``(images, labels[, bad])`` batch to the device (asynchronously from pinned memory)."""
 
     def __init__(self, device: torch.device, non_blocking: bool) -> None:
         self.device, self.non_blocking = device, non_blocking
 
-    def __call__(self, batch: tuple[torch.Tensor, torch.Tensor], size: int | None = None):
-        """The batch on the device (``size`` is the decoder's; batches here already have their side)."""
-        images, labels = batch
+    def decode(self, batch: tuple, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[BadSample]]:
+        """``(images, labels, bad)`` with the tensors on the device (``size`` is the decoder's; batches here
+        already have their side); ``bad`` is the flagged batches' list, else empty."""
+        images, labels, *rest = batch
         return (images.to(self.device, non_blocking=self.non_blocking),
-                labels.to(self.device, non_blocking=self.non_blocking))
+                labels.to(self.device, non_blocking=self.non_blocking), list(rest[0]) if rest else [])
+
+    def __call__(self, batch: tuple, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's images and labels on the device."""
+        images, labels, _ = self.decode(batch, size)
+        return images, labels
 
 
 class DataLoaderTrainLoader:
@@ -462,11 +530,13 @@ class DataLoaderTrainLoader:
                 dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
             )
         self.batch_sampler = EpochBatchSampler(self.sampler, batch_size)
-        kwargs = _loader_kwargs(cfg, device, decoder)
+        dataset = _flagged(dataset)
+        kwargs = _loader_kwargs(cfg, device, decoder, dataset)
         self.loader = DataLoader(dataset, batch_sampler=self.batch_sampler, **kwargs)
         self.to_device = decoder or _Transfer(device, kwargs["pin_memory"])
         self.normalize = Normalizer(info.mean, info.std, channels_last)
         self.schedule = schedule
+        self.bad: list[BadSample] = []
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
@@ -481,6 +551,12 @@ class DataLoaderTrainLoader:
         """The training side of ``epoch`` under progressive resizing (None without it)."""
         return None if self.schedule is None else self.schedule.size(epoch)
 
+    def take_bad(self) -> list[BadSample]:
+        """``(path, reason)`` of every substituted sample in the batches yielded since the last call (this rank's,
+        in batch order); empty for in-memory data."""
+        bad, self.bad = self.bad, []
+        return bad
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batches = iter(self.loader)  # captures epoch and start_batch now
         self.batch_sampler.start_batch = 0  # the skip applies to this iteration only
@@ -488,7 +564,8 @@ class DataLoaderTrainLoader:
 
         def generate() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             for batch in batches:
-                images, labels = self.to_device(batch, size)
+                images, labels, bad = self.to_device.decode(batch, size)
+                self.bad.extend(bad)
                 yield self.normalize(images), labels
 
         return generate()
@@ -522,6 +599,10 @@ class TensorEvalLoader:
     def __len__(self) -> int:
         return (self.num_samples + self.batch_size - 1) // self.batch_size
 
+    def take_bad(self) -> list[BadSample]:
+        """Always empty: in-memory data has no unreadable files."""
+        return []
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for lo in range(0, self.num_samples, self.batch_size):
             images = self.images[lo : lo + self.batch_size].to(self.device).permute(0, 3, 1, 2)
@@ -542,19 +623,28 @@ class DataLoaderEvalLoader:
         normalize: Normalizer,
         decoder: DeviceDecoder | None = None,
     ) -> None:
-        kwargs = _loader_kwargs(cfg, device, decoder)
+        dataset = _flagged(dataset)
+        kwargs = _loader_kwargs(cfg, device, decoder, dataset)
         subset = torch.utils.data.Subset(dataset, range(start, end))
         self.loader = DataLoader(subset, batch_size=batch_size, shuffle=False, drop_last=False, **kwargs)
         self.to_device = decoder or _Transfer(device, kwargs["pin_memory"])
         self.normalize = normalize
         self.num_samples = end - start
+        self.bad: list[BadSample] = []
 
     def __len__(self) -> int:
         return len(self.loader)
 
+    def take_bad(self) -> list[BadSample]:
+        """``(path, reason)`` of every substituted sample in the batches yielded since the last call (this rank's
+        shard, in batch order)."""
+        bad, self.bad = self.bad, []
+        return bad
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for batch in self.loader:
-            images, labels = self.to_device(batch)
+            images, labels, bad = self.to_device.decode(batch)
+            self.bad.extend(bad)
             yield self.normalize(images), labels
 
 

@@ -24,6 +24,12 @@ Nothing is submitted unless every check passes: the config with all overrides (a
 the world size (nodes x tasks per node) against the batch size, the partition (``sinfo``), the numbers.
 Each failure prints one line on stderr and exits with 2.
 
+The job script holds what the user typed, nothing more: a value that reaches it (or the tasks' command line)
+with a control character (``\x00``-``\x1f``, ``\x7f``: a newline would end its ``#SBATCH`` line and run the rest
+as a command) is refused, as is a backslash in an ``#SBATCH`` value (sbatch reads it as an escape). ``--dry-run``
+prints the very script a submission hands to sbatch (``job_script``). Paths (``output_dir``, ``--log-dir``,
+``--config``) are resolved by ``resolve_path``, as the trainer resolves them.
+
 This module imports submitit only inside functions, so ``--help`` and argument checks work without it.
 """
 from __future__ import annotations
@@ -38,7 +44,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,6 +59,8 @@ from ddp_resnet.slurm.sweep import SweepError, parse_sweeps, point_names, slug
 
 SIGNALS = ("USR2", "TERM")  # the signals the trainer turns into a checkpoint-and-stop
 KILL_ON_BAD_EXIT = "--kill-on-bad-exit=1"
+CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")  # none of these may reach the job script
+BACKSLASH = "\\"  # sbatch reads it as an escape in #SBATCH lines, even inside quotes (the shell does not)
 TERMINAL_STATES = {
     "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
     "PREEMPTED",
@@ -196,6 +203,49 @@ def slurm_partitions() -> list[str]:
     return sorted({line.strip() for line in res.stdout.splitlines() if line.strip()})
 
 
+def check_script_value(name: str, value: str, sbatch_line: bool = False) -> None:
+    """Refuse a value bound for the job script that holds a control character (or, for an #SBATCH line, a backslash)."""
+    found = CONTROL_CHARACTER.search(value)
+    if found:
+        raise UsageError(f"{name}: control character {found.group()!r} not allowed in a value that reaches the job "
+                         f"script")
+    if sbatch_line and BACKSLASH in value:
+        raise UsageError(f"{name}: {BACKSLASH!r} not allowed in a value that reaches an #SBATCH line (sbatch reads it "
+                         f"as an escape)")
+
+
+def _label(key: str) -> str:
+    """A key as an error names it (quoted when it is empty or holds a control character itself)."""
+    return key if key and not CONTROL_CHARACTER.search(key) else repr(key)
+
+
+def _check_typed_values(args: argparse.Namespace) -> None:
+    """Every value of the command line that reaches the job script or the tasks' argv, before anything else."""
+    flags = [("--config", args.config, False), ("--log-dir", args.log_dir, True)]
+    flags += [(f"--{name.replace('_', '-')}", getattr(args, name), True)
+              for name in ("job_name", "partition", "account", "qos", "constraint", "mem", "time", "signal")]
+    for flag, value, sbatch_line in flags:
+        if value is not None:
+            check_script_value(flag, str(value), sbatch_line)
+    for item in args.sbatch_opt:
+        check_script_value(f"--sbatch-opt {_label(item.partition('=')[0].strip().lstrip('-'))}", item, True)
+    for text in args.overrides:
+        check_script_value(_label(str(text).partition("=")[0].strip()), str(text))
+    for item in args.sweep:
+        check_script_value(f"--sweep {_label(item.partition('=')[0].strip())}", item)
+
+
+def resolve_path(text: str) -> str:
+    """A path as the trainer resolves it: ``os.path.expanduser``, then absolute against the working directory.
+
+    The one rule for ``output_dir``, ``--log-dir`` and ``--config``: ``~`` and ``~user`` are expanded exactly as
+    the trainer's config expands them (``os.path.expanduser``, which leaves an unknown user's ``~name`` as it is,
+    where pathlib would raise), then ``Path.absolute`` (no symlink or ``..`` resolution), the path the trainer
+    started in this directory would open.
+    """
+    return str(Path(os.path.expanduser(text)).absolute())
+
+
 def _check_positive(name: str, value: int | None, allow_zero: bool = False) -> None:
     if value is None:
         return
@@ -253,14 +303,17 @@ def _plan_points(args: argparse.Namespace, world: int) -> tuple[str, list[Point]
         config_lib.parse_override(text)  # shape check: key=value
     if gpus == 0:  # CPU job: gloo on CPU (the user's own overrides still win, then are checked below)
         overrides = ["train.device=cpu", "dist.backend=gloo"] + overrides
-    config_path = str(Path(args.config).expanduser().absolute()) if args.config else None
+    config_path = resolve_path(args.config) if args.config else None
+    if config_path:
+        check_script_value("--config", config_path)  # the working directory is part of it now
     base = config_lib.load(config_path, overrides)
     if gpus == 0 and base.train.device == "cuda":
         raise ConfigError("train.device: cuda needs --gpus-per-node > 0")
     if gpus > 0 and base.train.device == "cpu":
         raise ConfigError(f"train.device: cpu with --gpus-per-node {gpus}; use --gpus-per-node 0 for a CPU job")
     config_lib.validate_world(base, world)
-    output_dir = str(Path(base.output_dir).expanduser().absolute())
+    output_dir = resolve_path(base.output_dir)
+    check_script_value("output_dir", output_dir, sbatch_line=args.log_dir is None)  # the recipe's, too
     sweeps = parse_sweeps(args.sweep)
     points = []
     for index, (point_overrides, name) in enumerate(point_names(sweeps)):
@@ -283,6 +336,7 @@ def _plan_points(args: argparse.Namespace, world: int) -> tuple[str, list[Point]
 def make_plan(args: argparse.Namespace) -> Plan:
     """Check everything that can be checked before submitting; raise UsageError/ConfigError (one line)."""
     cluster = "local" if args.local else "slurm"
+    _check_typed_values(args)
     tasks, time_min = _check_resources(args)
     sbatch_opts = _parse_sbatch_opts(args.sbatch_opt)
     output_dir, points, sweeps = _plan_points(args, args.nodes * tasks)
@@ -293,7 +347,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         if args.partition not in known:
             raise UsageError(f"--partition: '{args.partition}' does not exist; available: {', '.join(known) or 'none'}")
 
-    log_dir = str(Path(args.log_dir).expanduser().absolute()) if args.log_dir else str(Path(output_dir) / "slurm")
+    log_dir = resolve_path(args.log_dir) if args.log_dir else str(Path(output_dir) / "slurm")
+    check_script_value("--log-dir" if args.log_dir else "output_dir", log_dir, sbatch_line=True)
     return Plan(
         cluster=cluster, output_dir=output_dir, log_dir=log_dir, nodes=args.nodes, tasks_per_node=tasks,
         gpus_per_node=args.gpus_per_node, time_min=time_min, job_name=args.job_name or slug(Path(output_dir).name),
@@ -329,39 +384,40 @@ def executor_parameters(plan: Plan) -> dict:
     return params
 
 
-def make_executor(plan: Plan):
-    """A configured submitit SlurmExecutor or LocalExecutor writing into plan.log_dir."""
-    import submitit
-
-    Path(plan.log_dir).mkdir(parents=True, exist_ok=True)
-    kind = submitit.LocalExecutor if plan.cluster == "local" else submitit.SlurmExecutor
+def _new_executor(kind: type, plan: Plan):
+    """An executor of submitit class ``kind`` for the plan: its folder, time-out count and parameters."""
     executor = kind(folder=plan.log_dir, max_num_timeout=plan.max_timeouts)
     executor.update_parameters(**executor_parameters(plan))
     return executor
 
 
-def sbatch_script(plan: Plan) -> str:
-    """The sbatch script a submission sends (a job array over the sweep points when there are several).
+def make_executor(plan: Plan):
+    """A configured submitit SlurmExecutor or LocalExecutor writing into plan.log_dir."""
+    import submitit
 
-    It is what submitit writes through its public ``submit``, run here against a stand-in ``sbatch`` that keeps
-    the script and answers with a job id: nothing reaches SLURM (which need not be installed), and the temporary
-    folder submitit wrote into is shown as ``plan.log_dir``.
+    Path(plan.log_dir).mkdir(parents=True, exist_ok=True)
+    return _new_executor(submitit.LocalExecutor if plan.cluster == "local" else submitit.SlurmExecutor, plan)
+
+
+def job_script(plan: Plan) -> str:
+    """The sbatch script that submitting the plan hands to sbatch, byte for byte (what ``--dry-run`` prints).
+
+    It is rendered by the method submitit's ``submit`` renders it with (``_make_submission_file_text``), on an
+    executor set up by ``_new_executor`` as for the submission and, for a sweep, given the array size that
+    submitit's batch submission adds; a test holds the two equal. Nothing is written and nothing need be installed
+    but submitit (this executor skips the check for ``srun``).
     """
-    with tempfile.TemporaryDirectory(prefix="ddp_resnet_dry_run_") as tmp:
-        bin_dir, script = Path(tmp, "bin"), Path(tmp, "script.sh")
-        bin_dir.mkdir()
-        for name, body in (("sbatch", f'cp "$1" {shlex.quote(str(script))}; echo "Submitted batch job 1"'),
-                           ("srun", "exit 0")):
-            (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
-            (bin_dir / name).chmod(0o755)
-        folder = Path(tmp, "log")
-        saved_path = os.environ.get("PATH", "")
-        os.environ["PATH"] = f"{bin_dir}{os.pathsep}{saved_path}"
-        try:
-            submit(dataclasses.replace(plan, log_dir=str(folder)))
-        finally:
-            os.environ["PATH"] = saved_path
-        return script.read_text().replace(str(folder), plan.log_dir)
+    import submitit
+
+    class Renderer(submitit.SlurmExecutor):
+        @classmethod
+        def affinity(cls) -> int:
+            return 2  # any positive value: SlurmExecutor refuses to start where srun is not on PATH
+
+    executor = _new_executor(Renderer, plan)
+    if len(plan.points) > 1:
+        executor.parameters["map_count"] = len(plan.points)  # as SlurmExecutor submits a batch: one job array
+    return executor._make_submission_file_text(executor._submitit_command_str, "")
 
 
 @dataclass
@@ -488,7 +544,7 @@ def execute(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if args.dry_run:
         if plan.cluster == "slurm":
-            print(sbatch_script(plan))
+            print(job_script(plan))  # then only comment lines: the output is still the script
         print("# " + describe(plan))
         rows = [["#", "overrides", "output_dir"]] + [
             [str(p.index), " ".join(p.overrides) or "-", p.output_dir] for p in plan.points]
