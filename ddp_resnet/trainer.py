@@ -122,6 +122,8 @@ def _plan_resume(plan: Plan) -> None:
         except ckpt.CheckpointError as exc:
             raise ConfigError(f"ckpt.resume: {exc}") from None
         plan.resume_path = Path(resume)
+    if plan.info is not None:  # another network first: its own message names the two models
+        ckpt.check_compatible(plan.payload, cfg.model.name, plan.info.num_classes, plan.resume_path)
     if isinstance(plan.payload.get("config"), dict):
         plan.changes = config_mod.check_resume(plan.payload["config"], cfg, plan.resume_path)
     if plan.info is not None:

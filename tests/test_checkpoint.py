@@ -94,10 +94,10 @@ class _Evil:
         return (os.system, ("touch pwned",))
 
 
-def test_a_checkpoint_whose_pickle_would_run_code_is_refused(tmp_path):
+def test_a_checkpoint_whose_pickle_would_run_code_is_refused(tmp_path, monkeypatch):
     evil = tmp_path / "evil.pt"
     torch.save({"model": {}, "payload": _Evil()}, evil)
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)  # where a "touch pwned" would land; undone after the test
     with pytest.raises(ckpt.CheckpointError, match="refused"):
         ckpt.load(evil)
     assert not (tmp_path / "pwned").exists()

@@ -118,15 +118,20 @@ def interrupt_once(res: subprocess.CompletedProcess, out: Path, how: str) -> tup
 
 @pytest.mark.parametrize("how", ["usr2", "scontrol_requeue"])
 def test_preempted_job_requeues_and_resumes_exactly(reference, tmp_path, how):
-    """usr2: the warning signal (--signal) -> rank 0 requeues. scontrol_requeue: the scheduler requeues (SIGTERM)."""
+    """usr2: the warning signal (--signal) -> rank 0 requeues. scontrol_requeue: the scheduler requeues (SIGTERM);
+    srun, told that its step is aborted, may SIGKILL the tasks before they act on it ("forcing job termination",
+    seen on a loaded machine): the requeued job then resumes from the newest checkpoint. Either way it ends with the
+    weights of the uninterrupted job."""
     out = tmp_path / how
     # slowed steps: the job cannot finish before the signal arrives, however idle the machine is
     res = launch(f"output_dir={out}", f"train.epochs={EPOCHS}", *CPU_JOB, env={"DDP_RESNET_TEST_STEP_DELAY_S": "0.3"})
     assert res.returncode == 0, res.stderr
     job_id, text = interrupt_once(res, out, how)
-    assert "stop signal: checkpoint written" in text and "resumed from" in text, text
-    (record,) = sc_records(out, job_id)
-    assert record["reason"] == "preemption" and record["requeue"] is True and record["limit_s"] == 3600
+    assert "resumed from" in text, text
+    if how == "usr2" or "forcing job termination" not in text:
+        assert "stop signal: checkpoint written" in text, text
+        (record,) = sc_records(out, job_id)
+        assert record["reason"] == "preemption" and record["requeue"] is True and record["limit_s"] == 3600
     assert [r["epoch"] for r in metrics(out)] == list(range(EPOCHS))
     assert_same_weights(out, reference["out"])
 

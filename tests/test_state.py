@@ -161,7 +161,7 @@ def test_config_command_prints_the_resolved_yaml_and_every_key():
 
     resolved = run("--config", "configs/cpu_smoke.yaml", "optim.lr=0.3")
     assert resolved.returncode == 0, resolved.stderr
-    assert config.from_dict(config.yaml_load(resolved.stdout)) == config.load("configs/cpu_smoke.yaml",
+    assert config.from_dict(config.yaml_load(resolved.stdout)) == config.load(REPO / "configs/cpu_smoke.yaml",
                                                                               ["optim.lr=0.3"])
     listing = run("--keys")
     assert listing.returncode == 0
