@@ -20,6 +20,12 @@ process's maximum resident set size).
 through the same step in the same process and prints the ratio ours/torchvision. Each network is warmed up on
 its own, then their timed windows alternate, so both see the same clock, thermal and neighbour conditions.
 
+``--comm-bytes`` prints, for each ``dist.comm_hook`` (none, fp16, bf16, and powersgd during and after its warm-up),
+the bytes each rank hands to the gradient all-reduce per step: every ``torch.distributed.all_reduce`` the hook
+issues, counted in real DDP steps of a fresh copy of the network with the config's DDP options and buckets (under a
+launcher on the run's process group, alone on a temporary 1-process gloo group: the bytes per rank do not depend on
+the world size). ``--comm-hook`` sets the hook of the timed step (it takes effect with more than one process).
+
 If ``torch.compile`` fails (at wrap time or while compiling during the first step, e.g. a graph that the backend
 cannot lower with SyncBatchNorm), a one-line note is printed and the model runs eagerly; every rank of a
 multi-process run compiles the same graph, so they all fall back together.
@@ -31,6 +37,8 @@ Examples::
     torchrun --nproc_per_node=8 -m ddp_resnet.bench --model resnet50 --batch 256 --amp bf16 --channels-last
     python -m ddp_resnet.bench --device cpu --model resnet18 --stem cifar --res 32 --batch 16 --steps 3 \\
         --warmup 1 --windows 2 --compare-torchvision
+    python -m ddp_resnet.bench --device cpu --model resnet50 --res 224 --batch 2 --steps 1 --warmup 1 --windows 1 \\
+        --comm-bytes
 
 Exit codes: 0 measured; 2 bad arguments or configuration (one line on stderr).
 """
@@ -49,7 +57,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ddp_resnet import build, distributed, monitor
+from ddp_resnet import build, comm_hooks, distributed, monitor
 from ddp_resnet import config as config_mod
 from ddp_resnet import data as data_mod
 from ddp_resnet.build import resolve_stem
@@ -127,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "train.log_every does (default 0: the step alone)")
     p.add_argument("--compare-torchvision", action="store_true",
                    help="also time torchvision's model of the same name and print the ratio")
+    p.add_argument("--comm-hook", choices=config_mod.choices("dist.comm_hook"),
+                   help="DDP communication hook of the timed step (dist.comm_hook; only with more than one process)")
+    p.add_argument("--comm-bytes", action="store_true",
+                   help="also print the bytes each rank hands to the gradient all-reduce per step with each hook "
+                        "(none, fp16, bf16, powersgd before and after its warm-up), counted in real DDP steps")
     p.add_argument("--json", help="write the settings and figures to this JSON file")
     p.add_argument("overrides", nargs="*", help="dotted config overrides applied last, e.g. optim.name=adamw")
     return p
@@ -139,7 +152,7 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
                       ("amp", "train.amp"), ("channels_last", "train.channels_last"), ("compile", "train.compile"),
                       ("sync_bn", "train.sync_bn"), ("cudnn_benchmark", "train.cudnn_benchmark"),
                       ("fused", "optim.fused"), ("data", "data.dataset"), ("root", "data.root"),
-                      ("decode", "data.decode"), ("device", "train.device")):
+                      ("decode", "data.decode"), ("device", "train.device"), ("comm_hook", "dist.comm_hook")):
         value = getattr(args, flag)
         if value is not None:
             out.append(f"{key}={str(value).lower() if isinstance(value, bool) else value}")
@@ -239,7 +252,7 @@ class LoaderBatches:
 
 def make_batches(cfg: Config, info, env, loader_mode: str):
     """The batch source for ``loader_mode``: fixed, or the trainer's own ``build_train_loader``."""
-    accum, micro = cfg.optim.accum_steps, build.micro_batch(cfg, env.world_size)
+    accum, micro = build.accumulation(cfg, env.world_size), build.micro_batch(cfg, env.world_size)
     if loader_mode == "fixed":
         return FixedBatches(cfg, info, env, micro, accum)
     loader = data_mod.build_train_loader(cfg.data, info, env.rank, env.world_size, env.device, cfg.train.seed,
@@ -437,7 +450,38 @@ def rss_max_mib() -> float:
     return rss / (2**20 if sys.platform == "darwin" else 2**10)  # bytes on macOS, KiB on Linux
 
 
+def comm_bytes(cfg: Config, info, env) -> dict:
+    """``comm_hooks.measure_bytes`` for a fresh network of the config: the bytes each rank hands to the gradient
+    all-reduce per step with each hook, from the tensors of real DDP steps (the run's process group under a
+    launcher, else a temporary 1-process gloo group: the bytes per rank do not depend on the world size)."""
+    import tempfile
+
+    build.seed_everything(cfg.train.seed, env.rank)
+    bare = build.build_network(cfg, info, env)
+    with tempfile.TemporaryDirectory() as store:
+        return comm_hooks.measure_bytes(bare, cfg, env, info.image_size, store)
+
+
 # --------------------------------------------------------------------------------------------- output
+def format_comm_bytes(figures: dict, cfg: Config, env) -> str:
+    """The per-step all-reduce bytes of each hook, and each one's share of plain fp32 (none)."""
+    none = figures["none"]["bytes"][0]
+    lines = [f"comm bytes per rank per step (what the gradient hook hands to all-reduce, counted in real DDP steps; "
+             f"{figures['none']['buckets']} buckets; a ring all-reduce sends about 2 x (world-1)/world of it):"]
+    for name in comm_hooks.HOOKS:
+        counted, calls = figures[name]["bytes"], figures[name]["collectives"]
+        line = (f"  {name:<9}: {counted[-1] / 2**20:9.3f} MiB ({counted[-1]} bytes, {calls[-1]} all-reduces) | "
+                f"{counted[-1] / none:.3f} x none")
+        if name == "powersgd":
+            line += (f" after its warm-up (dist.powersgd_rank={cfg.dist.powersgd_rank}); during the first "
+                     f"dist.powersgd_warmup_steps={cfg.dist.powersgd_warmup_steps} steps {counted[0]} bytes "
+                     f"({counted[0] / none:.3f} x none)")
+        lines.append(line)
+    if not env.distributed and cfg.dist.comm_hook != "none":
+        lines.append(f"  (timed above without a hook: dist.comm_hook={cfg.dist.comm_hook} needs more than one process)")
+    return "\n".join(lines)
+
+
 def format_result(label: str, r: dict, env) -> str:
     """One line: images/s median (min, max) | TFLOP/s | share of peak | memory | compile | loss."""
     ips = r["images_per_s"]
@@ -462,7 +506,7 @@ def format_loader(loader: dict, ours: dict) -> str:
 
 def settings_of(cfg: Config, info, env, loader_mode: str, args: argparse.Namespace) -> dict:
     """The settings that shape the measurement (printed and written to --json)."""
-    accum = cfg.optim.accum_steps
+    accum = build.accumulation(cfg, env.world_size)
     fused = uses_fused(cfg, env.device)
     return {
         "model": cfg.model.name, "stem": resolve_stem(cfg, info) or "cifar", "res": info.image_size,
@@ -471,7 +515,7 @@ def settings_of(cfg: Config, info, env, loader_mode: str, args: argparse.Namespa
         "amp": cfg.train.amp, "channels_last": cfg.train.channels_last, "compile": cfg.train.compile,
         "sync_bn": cfg.train.sync_bn and env.distributed, "data": cfg.data.dataset,
         "loader": loader_mode + (f" (decode {cfg.data.decode})" if cfg.data.dataset == "imagefolder" else ""),
-        "optimizer": f"{cfg.optim.name}({'fused' if fused else 'foreach'})",
+        "optimizer": f"{cfg.optim.name}({'fused' if fused else 'foreach'})", "comm_hook": cfg.dist.comm_hook,
         "cudnn_benchmark": bool(torch.backends.cudnn.benchmark) if env.device.type == "cuda" else "n/a",
         "device": str(env.device), "device_name": device_name(env.device), "torch": torch.__version__,
         "warmup": args.warmup, "steps_per_window": args.steps, "windows": args.windows,
@@ -491,6 +535,7 @@ def format_settings(s: dict) -> str:
             f"images/step (accum {s['accum_steps']}) | {s['device']} ({s['device_name']}), torch {s['torch']}\n"
             f"settings: amp={s['amp']} channels_last={s['channels_last']} compile={s['compile']} "
             f"sync_bn={s['sync_bn']} data={s['data']} loader={s['loader']} optimizer={s['optimizer']} "
+            f"comm_hook={s['comm_hook']} "
             f"cudnn.benchmark={s['cudnn_benchmark']} | warmup {s['warmup']} steps, then {s['windows']} "
             f"windows x {s['steps_per_window']} steps")
 
@@ -526,6 +571,8 @@ def main(argv: list[str] | None = None) -> int:
         if env.is_main:
             print(format_settings(settings), flush=True)
         results = measure(cfg, info, env, loader_mode, args, note)
+        if args.comm_bytes:
+            results["comm_bytes"] = comm_bytes(cfg, info, env)
         ratio = None
         if "torchvision" in results:
             ratio = results["ours"]["images_per_s"]["median"] / results["torchvision"]["images_per_s"]["median"]
@@ -541,6 +588,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"ratio ours/torchvision: {ratio:.3f} (median images/s)", flush=True)
             if "loader" in results:
                 print(format_loader(results["loader"], results["ours"]), flush=True)
+            if "comm_bytes" in results:
+                print(format_comm_bytes(results["comm_bytes"], cfg, env), flush=True)
         if env.is_main and args.json:
             Path(args.json).write_text(json.dumps({"settings": settings, "results": results, "ratio": ratio},
                                                   indent=2, default=str))

@@ -1,11 +1,12 @@
 """From a Config to runnable pieces: the one place train, bench, evaluate, report and experiments build them.
 
-* ``seed_everything``, ``apply_torch_flags``, ``micro_batch``: the run's seeds, torch backend flags, per-rank
-  micro-batch;
+* ``seed_everything``, ``apply_torch_flags``, ``accumulation``, ``micro_batch``: the run's seeds, torch backend
+  flags, accumulation steps and per-rank micro-batch at a world size;
 * ``resolve_stem``, ``build_network`` (model, fine-tuning preparation, then ``place``: SyncBatchNorm and memory
   format on the device), ``network_from_weights`` (a checkpoint's or an export's weights in the config's network);
-* ``wrap_ddp`` and ``build_step``: optimizer, schedule, GradScaler, EMA, DDP and torch.compile in the engine's
-  ``TrainStep``, whose first call falls back to eager (re-wrapped by ``wrap_ddp``) when compiling fails.
+* ``wrap_ddp`` and ``build_step``: optimizer, schedule, GradScaler, EMA, DDP (with ``dist.comm_hook``:
+  ``comm_hooks``) and torch.compile in the engine's ``TrainStep``, whose first call falls back to eager (re-wrapped
+  by ``wrap_ddp``, with the same hook state) when compiling fails.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp_resnet import checkpoint as ckpt
-from ddp_resnet.config import Config, ConfigError
+from ddp_resnet import comm_hooks
+from ddp_resnet.config import Config, ConfigError, accumulation  # accumulation: micro-steps per step at a world size
 from ddp_resnet.engine import StepSettings, TrainStep, first_line
 from ddp_resnet.models import build_model, is_cifar_only
 from ddp_resnet.optim import ModelEma, build_optimizer, build_scheduler
@@ -45,7 +47,7 @@ def apply_torch_flags(cfg: Config) -> None:
 
 def micro_batch(cfg: Config, world_size: int) -> int:
     """Images per rank per micro-step: the global batch over ranks and accumulation steps."""
-    return cfg.data.batch_size // (world_size * cfg.optim.accum_steps)
+    return cfg.data.batch_size // (world_size * accumulation(cfg, world_size))
 
 
 # --------------------------------------------------------------------------------------------- networks
@@ -99,9 +101,12 @@ def network_from_weights(cfg: Config, info, state: dict, path: str | Path, devic
 
 
 # --------------------------------------------------------------------------------------------- the step
-def wrap_ddp(bare: nn.Module, cfg: Config, env, image_size: int = 64) -> DDP | None:
+def wrap_ddp(bare: nn.Module, cfg: Config, env, image_size: int = 64,
+             hook: comm_hooks.CommHook | None = None) -> DDP | None:
     """DDP around the bare model with the config's options, when there is a process group (else None), its
-    gradient buckets already settled (``settle_buckets``)."""
+    gradient buckets already settled (``settle_buckets``), then ``dist.comm_hook`` registered: ``hook`` (the step's
+    one, shared by every wrapper of it: PowerSGD's state), or a new one. Registered after the settling pass, the
+    hook neither runs in it nor counts it, and sees the final buckets from its first call on, fresh or resumed."""
     if not env.distributed:
         return None
     d = cfg.dist
@@ -113,12 +118,15 @@ def wrap_ddp(bare: nn.Module, cfg: Config, env, image_size: int = 64) -> DDP | N
     ddp = DDP(bare, device_ids=[env.device.index] if env.device.type == "cuda" else None,
               static_graph=d.static_graph, gradient_as_bucket_view=d.gradient_as_bucket_view, **options)
     settle_buckets(ddp, bare, image_size, env.device)
+    (hook or comm_hooks.CommHook(cfg)).register(ddp)
     return ddp
 
 
 def settle_buckets(ddp: DDP, bare: nn.Module, image_size: int, device: torch.device) -> None:
-    """One forward and backward of two blank images through a new DDP wrapper, so that it fixes its gradient
-    buckets before the first training step; weights, buffers, gradients and random streams are left as they were.
+    """One forward and backward of two blank images through a new DDP wrapper (two with ``static_graph``, whose
+    first backward records the graph and not the gradients' order), then DDP's re-bucketing, so that its gradient
+    buckets are final before the first training step; weights, buffers, gradients and random streams are left as
+    they were.
 
     DDP reduces its first backward's gradients as one bucket, then re-buckets them in the order they became ready.
     With three or more ranks a gradient element's sum depends on where it lies in its bucket (a ring all-reduce
@@ -129,7 +137,9 @@ def settle_buckets(ddp: DDP, bare: nn.Module, image_size: int, device: torch.dev
     cuda = [device] if device.type == "cuda" else []  # the CPU generator is always forked
     with torch.random.fork_rng(devices=cuda, device_type="cuda"):
         blank = torch.zeros(2, 3, image_size, image_size, device=device)
-        ddp(blank).float().mean().backward()
+        for _ in range(2 if ddp.static_graph else 1):
+            ddp(blank).float().mean().backward()
+            ddp.reducer._rebuild_buckets()  # what the next forward would do first (DDP's Join does the same)
     with torch.no_grad():
         for buffer, value in zip(bare.buffers(), saved):
             buffer.copy_(value)
@@ -140,7 +150,7 @@ def settle_buckets(ddp: DDP, bare: nn.Module, image_size: int, device: torch.dev
 def steps_per_epoch(cfg: Config, info, world_size: int) -> int:
     """Optimizer steps per epoch: each rank's whole micro-batches of its shard, grouped by accumulation (what
     every training loader yields)."""
-    return info.train_size // world_size // micro_batch(cfg, world_size) // cfg.optim.accum_steps
+    return info.train_size // world_size // micro_batch(cfg, world_size) // accumulation(cfg, world_size)
 
 
 def run_length(cfg: Config, info, world_size: int) -> tuple[int, int]:
@@ -174,7 +184,10 @@ def build_step(cfg: Config, info, env, bare: nn.Module, total_steps: int, steps_
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps, steps_per_epoch)
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.train.amp == "fp16")
     ema = ModelEma(bare, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
-    ddp = wrap_ddp(bare, cfg, env, info.image_size)
+    hook = comm_hooks.CommHook(cfg) if env.distributed else None
+    if (single := comm_hooks.single_process_note(cfg, env.distributed)) is not None:
+        note(single)
+    ddp = wrap_ddp(bare, cfg, env, info.image_size, hook)
     model: nn.Module = ddp or bare
     compiled = "off"
     if cfg.train.compile:
@@ -187,6 +200,7 @@ def build_step(cfg: Config, info, env, bare: nn.Module, total_steps: int, steps_
     settings = StepSettings(device=env.device, amp=cfg.train.amp, label_smoothing=cfg.train.label_smoothing,
                             clip_grad_norm=cfg.optim.clip_grad_norm, num_classes=info.num_classes,
                             mixup_alpha=cfg.data.mixup_alpha, cutmix_alpha=cfg.data.cutmix_alpha,
-                            seed=cfg.train.seed, rank=env.rank, skip_nonfinite=cfg.train.nonfinite == "skip")
+                            seed=cfg.train.seed, rank=env.rank, skip_nonfinite=cfg.train.nonfinite == "skip",
+                            loss=cfg.train.loss, bce_target_thresh=cfg.train.bce_target_thresh)
     return TrainStep(bare, optimizer, scheduler, scaler, settings, ema=ema, model=model, ddp=ddp, compiled=compiled,
-                     rewrap=lambda: wrap_ddp(bare, cfg, env, info.image_size), note=note)
+                     rewrap=lambda: wrap_ddp(bare, cfg, env, info.image_size, hook), note=note)

@@ -81,6 +81,8 @@ class DataConfig:
     #   ranks, less one for the rank itself, at most 16 (0, loading in the main process, on a core or less per rank)
     decode: Literal["workers", "device"] = "workers"  # imagefolder: workers (PIL decodes in DataLoader workers) or
     #   device (workers read the files; JPEGs are decoded in batches on the training device, nvJPEG on CUDA)
+    max_rank_batch: int = 0  # at most this many images per rank per micro-step: where the global batch over the ranks
+    #   is larger (an elastic job that lost nodes), the step accumulates more micro-steps; 0 = no bound
     max_bad_images: int = 100  # unreadable or undecodable training samples tolerated per epoch, all ranks together
     #   (each named once and replaced by the next readable one, the same on every rank and after a resume); past it
     #   the run writes a checkpoint of the last good step and stops (exit 76)
@@ -120,22 +122,28 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: Literal["sgd", "adamw"] = "sgd"
+    name: Literal["sgd", "adamw", "lars", "lamb"] = "sgd"  # lars: SGD momentum with a layer-wise trust ratio (You et
+    #   al. 2017, MLPerf's ResNet-50); lamb: AdamW with a layer-wise trust ratio (You et al. 2019, timm's RSB recipes)
     lr: float = 0.1  # peak learning rate (for the global batch, before the optional linear scaling)
     momentum: float = 0.9  # sgd momentum
     nesterov: bool = False  # sgd Nesterov momentum
-    betas: tuple = (0.9, 0.999)  # adamw betas
+    betas: tuple = (0.9, 0.999)  # adamw, lamb betas
+    eps: float = 0.0  # adamw, lamb epsilon; 0 = the optimizer's default (adamw 1e-8, lamb 1e-6)
+    trust_coefficient: float = 0.001  # lars: eta in the layer's rate eta * |w| / (|g| + weight_decay * |w|)
     weight_decay: float = 5e-4  # L2 / decoupled weight decay
-    no_wd_bn_bias: bool = False  # exclude BatchNorm parameters and biases from weight decay
+    no_wd_bn_bias: bool = False  # exclude BatchNorm parameters and biases from weight decay (and, with lars or
+    #   lamb, from the trust ratio, as MLPerf and RSB do)
     lr_scale_ref_batch: int = 0  # linear scaling rule: lr *= batch_size / this; 0 = off
-    schedule: Literal["cosine", "multistep", "onecycle", "constant", "linear", "cyclic"] = "cosine"  # stepped per
-    #   iteration; linear: from the peak straight down to min_lr at the end; cyclic: triangles min_lr -> peak -> min_lr
+    schedule: Literal["cosine", "multistep", "onecycle", "constant", "linear", "cyclic", "poly"] = "cosine"  # stepped
+    #   per iteration; linear: from the peak straight down to min_lr at the end; cyclic: triangles min_lr -> peak ->
+    #   min_lr; poly: min_lr + (peak - min_lr) * (1 - progress) ** poly_power after the warmup (MLPerf)
+    poly_power: float = 2.0  # poly: the decay's power (MLPerf ResNet-50: 2)
     warmup_epochs: float = 0.0  # linear warmup length in epochs (fractions allowed)
     warmup_start_factor: float = 0.1  # warmup starts at lr * this
     milestones: tuple = ()  # multistep: decay points, in units of `milestones_unit`
     milestones_unit: Literal["epoch", "step"] = "epoch"
     gamma: float = 0.1  # multistep: factor applied at each milestone
-    min_lr: float = 0.0  # cosine, linear: final learning rate; cyclic: the bottom of each triangle
+    min_lr: float = 0.0  # cosine, linear, poly: final learning rate; cyclic: the bottom of each triangle
     cycle_period: float = 10.0  # cyclic: length of one triangle, in units of `cycle_unit`
     cycle_unit: Literal["epoch", "step"] = "epoch"  # cyclic: what cycle_period counts
     clip_grad_norm: float = 0.0  # > 0 clips the global gradient norm (after unscaling)
@@ -157,7 +165,10 @@ class TrainConfig:
     compile_backend: str = "inductor"  # torch.compile's backend: inductor (generated kernels), or e.g. aot_eager
     #   (graph capture and AOTAutograd without code generation: compiles in seconds, e.g. to test on a small CPU)
     sync_bn: bool = False  # synchronize BatchNorm statistics across ranks
-    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    label_smoothing: float = 0.0  # label smoothing (of the cross-entropy, or of bce's targets)
+    loss: Literal["ce", "bce"] = "ce"  # ce: softmax cross-entropy; bce: a sigmoid binary cross-entropy per class on
+    #   one-hot (or mixup/cutmix-mixed) targets, as "ResNet strikes back" trains
+    bce_target_thresh: float = 0.0  # bce: mixed targets above this become 1, the rest 0 (RSB: 0.2); 0 = off
     eval_every: int = 1  # evaluate every N epochs (and always after the last)
     log_every: int = 50  # every N steps: a progress line, a steps.jsonl record and TensorBoard points (one host read)
     profile_steps: str = ""  # START:END writes a torch.profiler trace of global steps START..END-1 into profile/
@@ -167,6 +178,8 @@ class TrainConfig:
     max_skipped_steps: int = 10  # nonfinite=skip: stop (exit 65) once more steps than this were skipped
     deterministic: bool = False  # deterministic algorithms (slower on GPU)
     cudnn_benchmark: bool = True  # cudnn autotuner (off when deterministic)
+    trial: str = ""  # set by python -m ddp_resnet.search: the trial's JSON file (study journal, trial number, metric);
+    #   each evaluated epoch's metric is reported to the study, and a trial it prunes stops after that epoch (exit 79)
 
 
 @dataclass(frozen=True)
@@ -187,6 +200,11 @@ class DistConfig:
     bucket_cap_mb: float = 0.0  # DDP gradient bucket size in MiB; 0 = DDP's default (a 1 MiB first bucket, then 25)
     static_graph: bool = False  # DDP static_graph (same parameters used every step); not with optim.accum_steps > 1
     gradient_as_bucket_view: bool = True  # gradients are views into DDP's buckets (saves a copy and memory)
+    comm_hook: Literal["none", "fp16", "bf16", "powersgd"] = "none"  # DDP communication hook: gradients all-reduced
+    #   as fp16 or bf16 (half the bytes), or PowerSGD's low-rank approximation with error feedback (its state is
+    #   checkpointed: resume stays exact)
+    powersgd_rank: int = 1  # powersgd: rank of the approximation (PyTorch's matrix_approximation_rank)
+    powersgd_warmup_steps: int = 1000  # powersgd: plain all-reduce for this many steps first (start_powerSGD_iter)
     forward_sync_buffers: bool = False  # re-send rank 0's BN buffers before every forward (DDP's broadcast_buffers);
     #   not needed here: rank 0's buffers are sent to every rank before each evaluation
 
@@ -455,6 +473,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _validate_optim(o)
     if not 0 <= t.label_smoothing < 1:
         raise ConfigError(f"train.label_smoothing: must be in [0, 1), got {t.label_smoothing}")
+    _in_range("train.bce_target_thresh", t.bce_target_thresh, 0, 1, closed=False)
+    if t.bce_target_thresh and t.loss != "bce":
+        raise ConfigError(f"train.bce_target_thresh: applies to train.loss=bce only, got train.loss={t.loss}")
     if t.epochs <= 0 and t.max_steps <= 0:
         raise ConfigError("train.epochs: must be > 0 (or set train.max_steps)")
     _positive("train.max_steps", t.max_steps, allow_zero=True)
@@ -472,6 +493,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if cfg.dist.timeout_s > MAX_TIMEOUT_S:
         raise ConfigError(f"dist.timeout_s: must be at most {MAX_TIMEOUT_S} (a year), got {cfg.dist.timeout_s}")
     _positive("dist.bucket_cap_mb", cfg.dist.bucket_cap_mb, allow_zero=True)
+    from ddp_resnet.comm_hooks import check_config  # dist.comm_hook and powersgd_* (that module imports this one)
+    check_config(cfg)
+    _positive("data.max_rank_batch", cfg.data.max_rank_batch, allow_zero=True)
     if cfg.dist.static_graph and o.accum_steps > 1:  # pytorch/pytorch#143580: an internal assert, or wrong grads
         raise ConfigError("dist.static_graph: DDP's static graph breaks under no_sync, so it cannot be combined with "
                           f"optim.accum_steps={o.accum_steps}; use one or the other")
@@ -500,6 +524,11 @@ def _validate_optim(o: OptimConfig) -> None:
         raise ConfigError(f"optim.milestones: must be increasing, got {list(o.milestones)}")
     if len(o.betas) != 2:
         raise ConfigError(f"optim.betas: expected two numbers, got {list(o.betas)}")
+    _positive("optim.eps", o.eps, allow_zero=True)
+    _positive("optim.trust_coefficient", o.trust_coefficient)
+    _positive("optim.poly_power", o.poly_power)
+    if o.fused == "true" and o.name in ("lars", "lamb"):
+        raise ConfigError(f"optim.fused: {o.name} has no fused kernel (it runs foreach ops); use optim.fused=auto")
 
 
 def _in_range(key: str, value: float, low: float, high: float, closed: bool = True) -> None:
@@ -540,14 +569,31 @@ def _validate_resolution(d: DataConfig, t: TrainConfig) -> None:
                           f"data.augment=rrc_flip, got {d.augment}")
 
 
+def accumulation(cfg: Config, world_size: int) -> int:
+    """Micro-steps per optimizer step on ``world_size`` ranks: ``optim.accum_steps``, or with ``data.max_rank_batch``
+    the smallest count at least that which splits the global batch evenly into micro-batches of at most that many
+    images per rank (so a job that shrinks accumulates more, and one that grows back less); ConfigError if none."""
+    batch, accum, bound = cfg.data.batch_size, cfg.optim.accum_steps, cfg.data.max_rank_batch
+    if not bound:
+        if batch % (world_size * accum):
+            raise ConfigError(f"data.batch_size: global batch {batch} is not divisible by world size {world_size} "
+                              f"x optim.accum_steps {accum}")
+        return accum
+    for steps in range(accum, max(batch // world_size, accum) + 1):
+        if batch % (world_size * steps) == 0 and batch // (world_size * steps) <= bound:
+            return steps
+    raise ConfigError(f"data.max_rank_batch: global batch {batch} on world size {world_size} cannot be split into "
+                      f"micro-batches of at most {bound} images per rank with optim.accum_steps >= {accum} "
+                      f"(the batch must divide evenly over ranks x accumulation steps)")
+
+
 def validate_world(cfg: Config, world_size: int) -> None:
     """Checks that depend on the number of processes."""
-    per_step = world_size * cfg.optim.accum_steps
-    if cfg.data.batch_size % per_step:
-        raise ConfigError(
-            f"data.batch_size: global batch {cfg.data.batch_size} is not divisible by world size {world_size}"
-            f" x optim.accum_steps {cfg.optim.accum_steps}"
-        )
+    accum = accumulation(cfg, world_size)
+    if cfg.dist.static_graph and accum > 1:  # data.max_rank_batch made this world size accumulate
+        raise ConfigError(f"dist.static_graph: DDP's static graph breaks under no_sync, and world size {world_size} "
+                          f"accumulates {accum} micro-steps (data.max_rank_batch={cfg.data.max_rank_batch}); "
+                          f"use one or the other")
     eval_batch = cfg.data.eval_batch_size or 2 * cfg.data.batch_size
     if eval_batch < world_size:
         raise ConfigError(f"data.eval_batch_size: {eval_batch} is smaller than world size {world_size}")
@@ -640,9 +686,10 @@ if __name__ == "__main__":
 RUN_KEYS = frozenset({
     "output_dir", "data.root", "data.download", "data.workers", "data.pin_memory", "data.persistent_workers",
     "data.prefetch_factor", "data.eval_batch_size", "data.loader", "data.decode", "data.max_bad_images",
+    "data.max_rank_batch",
     "train.run_steps", "train.device", "train.compile", "train.compile_backend", "train.log_every",
     "train.eval_every", "train.profile_steps", "train.profile_ranks", "train.nonfinite", "train.max_skipped_steps",
-    "train.deterministic", "train.cudnn_benchmark", "train.channels_last",
+    "train.deterministic", "train.cudnn_benchmark", "train.channels_last", "train.trial",
     "ckpt.resume", "ckpt.every_steps", "ckpt.keep", "ckpt.overwrite", "ckpt.allow_changes",
     "dist.backend", "dist.timeout_s", "dist.bucket_cap_mb", "dist.static_graph", "dist.gradient_as_bucket_view",
     "dist.forward_sync_buffers",

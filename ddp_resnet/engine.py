@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp_resnet import distributed
 from ddp_resnet.data import mix_batch
+from ddp_resnet.data.mix import soft_targets
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -44,6 +45,8 @@ class StepSettings:
     seed: int = 0
     rank: int = 0
     skip_nonfinite: bool = False  # train.nonfinite=skip: agree across ranks before the update, skip it if bad
+    loss: str = "ce"  # train.loss: ce (softmax cross-entropy) or bce (per-class sigmoid; see ``training_loss``)
+    bce_target_thresh: float = 0.0  # train.bce_target_thresh: bce targets above it become 1, the rest 0; 0 = off
 
 
 class StepStats:
@@ -197,8 +200,7 @@ class TrainStep:
                 self.timer.start()
                 with autocast(s.device, s.amp):
                     logits = self.model(inputs)
-                    loss = F.cross_entropy(logits, targets, label_smoothing=0.0 if targets.dtype.is_floating_point
-                                           else s.label_smoothing)
+                    loss = training_loss(logits, targets, s)
                 self.timer.stop()
                 self.scaler.scale(loss / n).backward()
             with torch.no_grad():
@@ -241,6 +243,33 @@ class TrainStep:
         finite: an all-reduce of the flags and one host read."""
         bad = nonfinite(stats, self.settings)
         return bool(distributed.all_reduce_sum(bad.float().reshape(1)).item() > 0)
+
+
+def training_loss(logits: torch.Tensor, targets: torch.Tensor, settings: StepSettings) -> torch.Tensor:
+    """The training loss of a batch: ``targets`` are class indices, or soft rows from mixup/cutmix (label smoothing
+    already in them). ce: softmax cross-entropy (label smoothing applied here to index targets). bce: ``bce_loss``.
+    The step's reported train loss is this value; evaluation scores every model with cross-entropy."""
+    if settings.loss == "bce":
+        return bce_loss(logits, targets, settings.label_smoothing, settings.bce_target_thresh)
+    smoothing = 0.0 if targets.dtype.is_floating_point else settings.label_smoothing
+    return F.cross_entropy(logits, targets, label_smoothing=smoothing)
+
+
+def bce_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0,
+             target_thresh: float = 0.0) -> torch.Tensor:
+    """A sigmoid binary cross-entropy per class, as "ResNet strikes back" trains (timm's BinaryCrossEntropy).
+
+    Index targets become one-hot rows, smoothed to ``1 - s + s/C`` on the label and ``s/C`` elsewhere (soft rows
+    from mixup/cutmix are used as they are: their smoothing was applied when they were mixed); with
+    ``target_thresh`` > 0 each target becomes 1 where it exceeds the threshold, else 0 (RSB: 0.2, so both images of
+    a mix count as present). The loss is the mean over all N x C elements, as timm's default ``reduction='mean'``:
+    about 1/C of a per-image sum, which the recipes' learning rates were tuned with.
+    """
+    if not targets.dtype.is_floating_point:
+        targets = soft_targets(targets, logits.shape[-1], label_smoothing)
+    if target_thresh > 0:
+        targets = (targets > target_thresh).to(targets.dtype)
+    return F.binary_cross_entropy_with_logits(logits.float(), targets.float())  # in float32, as autocast would
 
 
 def first_line(exc: BaseException) -> str:

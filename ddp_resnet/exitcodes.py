@@ -15,6 +15,7 @@ NO_INPUT = 66  # EX_NOINPUT: predict could decode not one of its input files (no
 HUNG = 70  # EX_SOFTWARE: the watchdog saw no progress for ``dist.timeout_s`` (a peer stopped, died or deadlocked)
 BAD_DATA = 76  # more than data.max_bad_images samples could not be read or decoded; a checkpoint of the last good
 #   step was written (fix or remove the files, then resume)
+PRUNED = 79  # a search trial the study pruned: it stopped at an epoch boundary after that epoch's checkpoint
 INTERRUPTED = 130  # a second Ctrl-C (SIGINT) ended the process at once; the last good checkpoint is untouched
 IO_ERROR = 74  # EX_IOERR: the environment failed (a checkpoint write, a full or read-only disk)
 STOPPED = 75  # EX_TEMPFAIL: a stop signal arrived, the ranks agreed, last.pt was written: resume with the same command
@@ -30,5 +31,6 @@ DESCRIPTIONS = {
     IO_ERROR: "the environment failed: a checkpoint write or the disk",
     STOPPED: "stopped by a signal with last.pt written: rerun or requeue to resume exactly",
     BAD_DATA: "more than data.max_bad_images unreadable samples; last.pt of the last good step written",
+    PRUNED: "search: the study pruned this trial at an epoch boundary (its checkpoint written)",
     INTERRUPTED: "a second Ctrl-C: ended at once, the last good checkpoint untouched",
 }

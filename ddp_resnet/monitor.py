@@ -106,6 +106,15 @@ def epoch_line(record: dict, total_epochs: int, total_steps: int, eta_run_s: flo
             f"ETA {format_duration(eta_run_s)}{ranks}")
 
 
+def world_size_line(change: dict, global_batch: int) -> str:
+    """The rank-0 line of a resume on another number of processes (``change`` is its metrics.jsonl record)."""
+    return (f"note: checkpoint written by {change['from']} processes, resuming on {change['to']}: world size "
+            f"{change['from']} -> {change['to']} at step {change['step']}, {change['micro_batch']} images per rank "
+            f"per micro-step x {change['accum']} accumulation step(s) (was {change['from_micro_batch']} x "
+            f"{change['from_accum']}); global batch {global_batch} and the LR schedule are kept; results match to "
+            f"float tolerance, not bitwise (recorded in metrics.jsonl)")
+
+
 def straggler_line(spread: dict | None) -> str | None:
     """A warning naming a straggling rank, or None."""
     if spread is None or not spread["straggler"]:

@@ -1,4 +1,8 @@
-"""Optimizer, per-iteration learning-rate schedule, and a weight EMA."""
+"""Optimizer, per-iteration learning-rate schedule, and a weight EMA.
+
+``optim.name``: sgd and adamw are torch's (fused or foreach kernels); lars and lamb are ``large_batch``'s, for
+large global batches (foreach only).
+"""
 from __future__ import annotations
 
 import copy
@@ -8,6 +12,10 @@ import torch
 from torch import nn
 
 from ddp_resnet.config import Config, OptimConfig
+from ddp_resnet.large_batch import LAMB, LAMB_EPS, LARS
+
+LAYERWISE = ("lars", "lamb")  # the optimizers with a per-layer trust ratio (and an ``adapt`` flag per group)
+ADAMW_EPS = 1e-8  # optim.eps=0 with adamw: torch's default
 
 
 def peak_lr(cfg: Config) -> float:
@@ -19,7 +27,10 @@ def peak_lr(cfg: Config) -> float:
 
 
 def param_groups(model: nn.Module, ocfg: OptimConfig, lr: float, stage_lr: dict | None = None) -> list[dict]:
-    """Parameter groups: optional no-decay group for BN/bias, optional per-stage learning rates."""
+    """Parameter groups: optional no-decay group for BN/bias, optional per-stage learning rates.
+
+    With lars or lamb every group also says whether the trust ratio applies (``adapt``): not to the no-decay
+    group (BatchNorm and biases with ``optim.no_wd_bn_bias``), as MLPerf and "ResNet strikes back" train."""
     stage_lr = stage_lr or {}
     groups: dict[tuple, dict] = {}
     for name, param in model.named_parameters():
@@ -31,27 +42,39 @@ def param_groups(model: nn.Module, ocfg: OptimConfig, lr: float, stage_lr: dict 
         key = (group_lr, no_decay)
         group = groups.setdefault(key, {"params": [], "lr": group_lr,
                                         "weight_decay": 0.0 if no_decay else ocfg.weight_decay})
+        if ocfg.name in LAYERWISE:
+            group["adapt"] = not no_decay
         group["params"].append(param)
     return list(groups.values())
 
 
 def uses_fused(cfg: Config, device: torch.device) -> bool:
-    """Whether the optimizer runs fused kernels (``optim.fused``, auto: on CUDA) rather than foreach ones."""
+    """Whether the optimizer runs fused kernels (``optim.fused``, auto: on CUDA) rather than foreach ones; lars and
+    lamb have foreach ones only."""
+    if cfg.optim.name in LAYERWISE:
+        return False
     return cfg.optim.fused == "true" or (cfg.optim.fused == "auto" and device.type == "cuda")
 
 
 def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
-    """SGD (optionally Nesterov) or AdamW over the model's trainable parameters."""
+    """SGD (optionally Nesterov), AdamW, LARS (optionally Nesterov) or LAMB over the model's trainable
+    parameters."""
     ocfg = cfg.optim
-    groups = param_groups(model, ocfg, peak_lr(cfg), dict(cfg.finetune.stage_lr))
+    lr = peak_lr(cfg)
+    groups = param_groups(model, ocfg, lr, dict(cfg.finetune.stage_lr))
     if not groups:
         raise ValueError("no trainable parameters (is everything frozen?)")
+    if ocfg.name == "lars":
+        return LARS(groups, lr=lr, momentum=ocfg.momentum, weight_decay=ocfg.weight_decay,
+                    trust_coefficient=ocfg.trust_coefficient, nesterov=ocfg.nesterov)
+    if ocfg.name == "lamb":
+        return LAMB(groups, lr=lr, betas=tuple(ocfg.betas), eps=ocfg.eps or LAMB_EPS, weight_decay=ocfg.weight_decay)
     kernel = {"fused": True} if uses_fused(cfg, device) else {"foreach": True}
     if ocfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=peak_lr(cfg), momentum=ocfg.momentum, nesterov=ocfg.nesterov,
+        return torch.optim.SGD(groups, lr=lr, momentum=ocfg.momentum, nesterov=ocfg.nesterov,
                                weight_decay=ocfg.weight_decay, **kernel)
-    return torch.optim.AdamW(groups, lr=peak_lr(cfg), betas=tuple(ocfg.betas), weight_decay=ocfg.weight_decay,
-                             **kernel)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(ocfg.betas), eps=ocfg.eps or ADAMW_EPS,
+                             weight_decay=ocfg.weight_decay, **kernel)
 
 
 def lr_factor(step: int, ocfg: OptimConfig, total_steps: int, steps_per_epoch: int) -> float:
@@ -70,11 +93,13 @@ def lr_factor(step: int, ocfg: OptimConfig, total_steps: int, steps_per_epoch: i
     floor = ocfg.min_lr / ocfg.lr if ocfg.lr else 0.0
     if ocfg.schedule == "cyclic":
         return floor + (1 - floor) * triangle(step - warmup, cycle_steps(ocfg, steps_per_epoch))
-    # cosine, linear and one-cycle anneal from the peak down to min_lr (one-cycle: after its 30% ramp)
+    # cosine, linear, poly and one-cycle anneal from the peak down to min_lr (one-cycle: after its 30% ramp)
     span = max(1, total_steps - warmup)
     progress = min(1.0, (step - warmup) / span)
     if ocfg.schedule == "linear":
         return floor + (1 - floor) * (1 - progress)
+    if ocfg.schedule == "poly":  # MLPerf's polynomial decay (power 2) to its end learning rate
+        return floor + (1 - floor) * (1 - progress) ** ocfg.poly_power
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 

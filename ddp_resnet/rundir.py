@@ -2,7 +2,7 @@
 
     <output_dir>/.lock             held (flock) by the running job's rank 0
                  config.yaml       the resolved config
-                 metrics.jsonl     one record per epoch
+                 metrics.jsonl     one record per epoch (and one per change of world size: "event")
                  steps.jsonl       one record per logging interval (train.log_every steps)
                  best_eval.json    per-class accuracy and confusion matrix of the best epoch
                  tb/               TensorBoard events
@@ -159,14 +159,21 @@ def read_jsonl(path: str | Path, skip_bad: bool = False) -> list[dict]:
 
 
 def read_metrics(out: str | Path, required: bool = False) -> list[dict]:
-    """The per-epoch records (metrics.jsonl); with ``required``, a missing or empty file is a RunDirError."""
+    """The per-epoch records (metrics.jsonl, without its ``event`` records: ``read_events``); with ``required``, a
+    missing or empty file is a RunDirError."""
     path = Path(out) / METRICS
     if required and not path.is_file():
         raise RunDirError(f"{out} holds no {METRICS} (is it a ddp_resnet run directory?)")
-    records = read_jsonl(path)
+    records = [r for r in read_jsonl(path) if "event" not in r]
     if required and not records:
         raise RunDirError(f"{path} is empty: the run has not finished an epoch yet")
     return records
+
+
+def read_events(out: str | Path) -> list[dict]:
+    """metrics.jsonl's event records, oldest first: ``{"event": "world_size", "from", "to", "step", "accum",
+    "micro_batch", "from_accum", "from_micro_batch", "time"}`` for each resume on another number of processes."""
+    return [r for r in read_jsonl(Path(out) / METRICS) if "event" in r]
 
 
 def read_best(out: str | Path, records: list[dict]) -> dict:
@@ -217,7 +224,8 @@ BY_IMAGES = ("loss", "acc")
 
 
 class MetricsWriter:
-    """metrics.jsonl (per epoch), steps.jsonl (per logging interval) and TensorBoard, on rank 0 (a no-op elsewhere).
+    """metrics.jsonl (per epoch, and an ``event`` record per change of world size), steps.jsonl (per logging
+    interval) and TensorBoard, on rank 0 (a no-op elsewhere).
 
     A run resumed at step S keeps the records it had up to S and drops the rest (trained again now), so both files
     continue without duplicates or gaps; TensorBoard is told to drop its own events after S (``purge_step``).
@@ -231,7 +239,8 @@ class MetricsWriter:
         if not self.enabled:
             return
         epochs_done = resume_step // steps_per_epoch
-        kept = [r for r in read_jsonl(self.path, skip_bad=True) if r.get("epoch", 0) < epochs_done]
+        kept = [r for r in read_jsonl(self.path, skip_bad=True)
+                if (r.get("step", 0) < resume_step if "event" in r else r.get("epoch", 0) < epochs_done)]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         kept = [r for r in read_jsonl(self.steps_path, skip_bad=True) if r.get("step", 0) <= resume_step]
         self.steps_path.write_text("".join(json.dumps(r) + "\n" for r in kept))

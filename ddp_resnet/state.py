@@ -3,7 +3,8 @@
 ``TrainState`` holds the counters of a run (the step, the epoch's accumulators, skipped steps, the best metric
 and its history, the newest good checkpoint); the training loop changes nothing else between steps. Its
 ``state_dict()`` / ``load_state_dict()`` are the counters' part of a checkpoint; ``training_payload`` adds the
-modules, the config, the random streams and the manifest, stamped ``"format": checkpoint.FORMAT``. Tools that
+modules, the config, the random streams, the manifest and PowerSGD's per-rank state (an optional key, so the format
+stays), stamped ``"format": checkpoint.FORMAT``. Tools that
 open a checkpoint read it through ``checkpoint.Saved`` (weights with or without EMA, the saved config, the
 manifest, the class names), never by indexing the dict.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ddp_resnet import checkpoint as ckpt
+from ddp_resnet import comm_hooks
 from ddp_resnet.config import ConfigError
 from ddp_resnet.engine import StepStats, TrainStep
 
@@ -123,8 +125,10 @@ class TrainState:
 
 
 def training_payload(step: TrainStep, counters: dict, config: dict, rng: list, world_size: int,
-                     class_names: list[str] | None, accum_steps: int, seed: int) -> dict:
-    """The whole checkpoint: modules, counters, config, every rank's random streams, data position, manifest."""
+                     class_names: list[str] | None, accum_steps: int, seed: int, comm_hook: dict | None = None) -> dict:
+    """The whole checkpoint: modules, counters, config, every rank's random streams, data position, manifest, and
+    with a stateful ``dist.comm_hook`` (PowerSGD) every rank's hook state (``comm_hooks.gather_state``; optional: a
+    checkpoint without it resumes with a fresh hook state)."""
     return {
         "format": ckpt.FORMAT,
         "model": step.bare.state_dict(),
@@ -139,6 +143,7 @@ def training_payload(step: TrainStep, counters: dict, config: dict, rng: list, w
         "data_state": {"seed": seed, "epoch": counters["epoch"],
                        "start_batch": counters["epoch_position"] * accum_steps},
         "manifest": ckpt.manifest(world_size),
+        **({comm_hooks.PAYLOAD_KEY: comm_hook} if comm_hook is not None else {}),
     }
 
 

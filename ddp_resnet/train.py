@@ -4,8 +4,9 @@ Works the same under torchrun, under srun (SLURM tasks), and as a plain single p
 process group): parse -> config -> plan (checks, checkpoint) -> lock the output directory -> init -> train.
 Exit codes are ``ddp_resnet.exitcodes``: 0 done, 1 a rank failed, 2 bad configuration, 65 non-finite training,
 70 no progress (the watchdog), 74 a checkpoint write failed, 75 stopped by a signal with a checkpoint written
-(resume with the same command). Code that trains in-process with hooks of its own calls ``trainer.run(plan, env,
-callbacks)``.
+(resume with the same command), 76 too many unreadable samples, 79 a search trial its study pruned (``train.trial``
+set by ``python -m ddp_resnet.search``: it stopped after that epoch's checkpoint). Code that trains in-process with
+hooks of its own calls ``trainer.run(plan, env, callbacks)``.
 """
 from __future__ import annotations
 
@@ -39,10 +40,15 @@ def main(argv: list[str] | None = None) -> int:
 def _train(args: argparse.Namespace, launch: distributed.LaunchInfo, held: contextlib.ExitStack) -> int:
     cfg = config_mod.load(args.config, args.overrides)
     plan = trainer.plan_run(cfg, launch)
+    callbacks = []
+    if cfg.train.trial:  # a search trial: report each epoch to its study, stop when the study prunes it
+        from ddp_resnet.search.reporter import reporter  # needs Optuna only here
+
+        callbacks.append(reporter(cfg.train.trial))
     if launch.rank == 0:
         held.enter_context(rundir.RunLock(cfg.output_dir))
     env = distributed.init(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_s, launch)
-    code = trainer.run(plan, env)
+    code = trainer.run(plan, env, callbacks)
     distributed.cleanup()
     return code
 

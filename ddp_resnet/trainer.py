@@ -14,19 +14,22 @@ Exit codes (``ddp_resnet.exitcodes``): 0 finished (or ``train.run_steps`` reache
 failed; 2 bad configuration (nothing written); 65 the loss or gradient norm became non-finite
 (``train.nonfinite``): every rank stopped at the same step and no checkpoint was written after it; 70 the watchdog
 saw no progress; 74 a checkpoint write failed; 75 a stop signal arrived, the ranks agreed at the next step
-boundary, a checkpoint was written, and a later run resumes exactly from it.
+boundary, a checkpoint was written, and a later run resumes exactly from it; 79 a callback asked the run to stop
+after an epoch (``Trainer.stop_after_epoch``: a search trial its study pruned), with that epoch's checkpoint written.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
-from ddp_resnet import build, distributed, exitcodes, monitor, rundir
+from ddp_resnet import build, comm_hooks, distributed, exitcodes, monitor, rundir
 from ddp_resnet import checkpoint as ckpt
 from ddp_resnet import config as config_mod
 from ddp_resnet import data as data_mod
@@ -234,7 +237,7 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         build.seed_everything(cfg.train.seed, env.rank)
         build.apply_torch_flags(cfg)
-        self.accum = cfg.optim.accum_steps
+        self.accum = build.accumulation(cfg, env.world_size)  # optim.accum_steps, or more under data.max_rank_batch
         self.steps_per_epoch = build.steps_per_epoch(cfg, info, env.world_size)
         self.total_steps, self.total_epochs = build.run_length(cfg, info, env.world_size)
         self.train_loader = data_mod.build_train_loader(
@@ -259,6 +262,8 @@ class Trainer:
                                    self.total_steps)
         self.compiled_sides: set[int] = set()  # training sides torch.compile has compiled
         self.watchdog: monitor.Watchdog | None = None  # while fit() runs
+        self.world_change: dict | None = None  # restored on another world size: metrics.jsonl's record of it
+        self.stop_code = 0  # asked for by stop_after_epoch
 
     def beat(self, phase: str | None = None) -> None:
         """Tell the watchdog the run progresses (and what it does next)."""
@@ -287,10 +292,10 @@ class Trainer:
         if saved_world == self.env.world_size:
             ckpt.set_rng_state(rngs[self.env.rank])
         else:
-            log(self.env, f"note: checkpoint written by {saved_world} processes, resuming on {self.env.world_size}: "
-                          f"global batch {self.cfg.data.batch_size} and the LR schedule are kept; results match to "
-                          f"float tolerance, not bitwise")
+            self.world_change = world_change(self.cfg, payload, self.env.world_size, self.state.step)
+            log(self.env, monitor.world_size_line(self.world_change, self.cfg.data.batch_size))
             ckpt.set_rng_state(rngs[0])
+        comm_hooks.restore_state(self.train_step.ddp, payload, self.env, lambda m: log(self.env, m))  # PowerSGD's
         log(self.env, f"resumed from {path}: step {self.state.step}/{self.total_steps} (epoch {self.state.epoch}, "
                       f"step {self.state.position} of it)")
 
@@ -314,10 +319,12 @@ class Trainer:
             rng = [None] * self.env.world_size
             dist.all_gather_object(rng, ckpt.rng_state(), group=self.control)
         epoch_sums = distributed.all_reduce_sum(self.state.epoch_sums.values.clone())
+        hook_state = comm_hooks.gather_state(self.train_step.ddp, self.env, self.control)  # PowerSGD's, every rank's
         if not self.env.is_main:
             return {}
         return training_payload(self.train_step, self.state.state_dict(epoch_sums), config_mod.to_dict(self.cfg),
-                                rng, self.env.world_size, self.info.class_names, self.accum, self.cfg.train.seed)
+                                rng, self.env.world_size, self.info.class_names, self.accum, self.cfg.train.seed,
+                                comm_hook=hook_state)
 
     def save(self, epoch_done: int | None = None, is_best: bool = False) -> None:
         """Every rank: checkpoint the current state (the non-finite check has run at this step)."""
@@ -407,6 +414,8 @@ class Trainer:
         """Train until the schedule ends, ``run_steps`` is reached, a stop signal arrives, or training diverges."""
         stop = distributed.StopFlag(announce=self.env.is_main)
         writer = rundir.MetricsWriter(self.out, self.env.is_main, self.state.step, self.steps_per_epoch)
+        if self.world_change is not None:
+            writer.write(self.world_change)
         self.watchdog = monitor.Watchdog(self.cfg.dist.timeout_s, self.env.rank, self.state.where)
         try:
             try:
@@ -454,11 +463,12 @@ class Trainer:
                 batches = None  # the epoch's loader iterator (and its workers' batches) ends here
                 with clock.outside():
                     self._finish_epoch(writer)
+                code = agreed_stop(self.stop_code, self.env, self.control, state.step, self.steps_per_epoch)
             elif stopping or out_of_budget or periodic:
                 with clock.outside():
                     self.nonfinite.check()
                     self.save()
-            if stopping or out_of_budget:
+            if (stopping or out_of_budget) and code is None:
                 code = self._stopped_here(stopping)
         return code if code is not None else self._done(run_start, start_step)
 
@@ -485,6 +495,11 @@ class Trainer:
         is_best = self._end_epoch(epoch, writer)
         self.save(epoch_done=epoch if self.state.position == 0 else None, is_best=is_best)
 
+    def stop_after_epoch(self, code: int) -> None:
+        """Stop once this epoch's checkpoint is written and exit with ``code`` (from ``Callback.on_epoch_end``, on any
+        rank: the ranks agree on the largest code asked for)."""
+        self.stop_code = max(self.stop_code, code)
+
     def _stopped_here(self, stopping: bool) -> int:
         if stopping:
             log(self.env, f"stop signal: checkpoint written at step {self.state.step}; exiting with "
@@ -501,6 +516,36 @@ class Trainer:
                       f"{(best.epoch or 0) + 1} ({trained} steps in {format_duration(time.time() - run_start)})"
             if best.value is not None else f"done: {self.total_steps} steps")
         return exitcodes.OK
+
+
+def agreed_stop(code: int, env: distributed.DistEnv, control, step: int, steps_per_epoch: int) -> int | None:
+    """After an epoch's checkpoint: the largest ``stop_after_epoch`` code of any rank (one all-reduce over the
+    control group), or None to go on."""
+    agreed = torch.tensor([code])
+    if env.distributed:
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=control)
+    if not agreed.item():
+        return None
+    log(env, f"stopping after epoch {math.ceil(step / steps_per_epoch)} as a callback asked: its checkpoint is "
+             f"written; exiting with {agreed.item()}")
+    return int(agreed.item())
+
+
+def world_change(cfg: Config, payload: dict, world_size: int, step: int) -> dict:
+    """The metrics.jsonl record of a resume at ``step`` on another number of processes than the checkpoint's: both
+    world sizes and, for each, the images per rank per micro-step and the accumulation steps (data.max_rank_batch
+    may make them differ; the global batch does not)."""
+    saved = int(payload["manifest"]["world_size"])
+    saved_cfg = payload.get("config") if isinstance(payload.get("config"), dict) else {}
+    bound = (saved_cfg.get("data") or {}).get("max_rank_batch", cfg.data.max_rank_batch)
+    before = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_rank_batch=int(bound or 0)))
+    try:
+        old = build.accumulation(before, saved)
+    except ConfigError:  # a checkpoint of an older version, or edited: its own optim.accum_steps
+        old = cfg.optim.accum_steps
+    return {"event": "world_size", "from": saved, "to": world_size, "step": step,
+            "accum": build.accumulation(cfg, world_size), "micro_batch": build.micro_batch(cfg, world_size),
+            "from_accum": old, "from_micro_batch": cfg.data.batch_size // (saved * old), "time": time.time()}
 
 
 def run(plan: Plan, env: distributed.DistEnv, callbacks=()) -> int:

@@ -51,8 +51,9 @@ def run_train(out: Path, *overrides: str, nproc: int = 1, config: str | None = N
 
 
 def metrics(out: Path) -> list[dict]:
-    """The run's metrics.jsonl records."""
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    """The run's metrics.jsonl epoch records (its "event" records, a change of world size, left out)."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in records if "event" not in r]
 
 
 def untimed(record: dict) -> dict:

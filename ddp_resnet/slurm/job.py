@@ -27,6 +27,7 @@ from typing import Any
 
 from ddp_resnet import distributed
 from ddp_resnet.exitcodes import NO_REQUEUE as EXIT_NO_REQUEUE  # the command line's "do not requeue"
+from ddp_resnet.exitcodes import PRUNED as EXIT_PRUNED  # a search trial its study pruned: it ended, not failed
 from ddp_resnet.exitcodes import STOPPED as EXIT_STOPPED  # stopped with last.pt written: requeue me
 from ddp_resnet.rundir import read_jsonl
 
@@ -145,8 +146,8 @@ class TrainTask:
         except SystemExit as exc:  # a trainer that exits instead of returning
             rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         rc = 0 if rc is None else int(rc)
-        if rc == 0:
-            return {"rank": rank, "exit_code": 0, "job_id": job_env.job_id, "argv": self.argv}
+        if rc in (0, EXIT_PRUNED):
+            return {"rank": rank, "exit_code": rc, "job_id": job_env.job_id, "argv": self.argv}
         if rc != EXIT_STOPPED:
             # Raising makes submitit record the error; the non-zero exit makes srun kill the other ranks.
             raise RuntimeError(f"ddp_resnet.train exited with code {rc} on rank {rank} (job {job_env.job_id})")
