@@ -254,7 +254,8 @@ def guarded(work: Callable[[], int], rank: int, what: str, usage_errors: tuple) 
 
     An error of a ``usage_errors`` class (bad configuration, unusable checkpoint: every rank meets the same one)
     exits 2 and is printed by rank 0 only (a ``RankError``, one rank's own problem, by that rank); an ``OSError``
-    of the environment (a full or read-only disk) exits 74, printed in one line; any other exception prints this
+    of the environment (a full or read-only disk) exits 74, printed in one line; an exception whose class names an
+    ``exit_code`` (``data.UnreadableImages``: 76) exits with it, printed in one line; any other exception prints this
     rank's traceback and exits 1. With a process group the process leaves at once (``os._exit``), so the other
     ranks' collectives fail instead of waiting for it.
     """
@@ -274,6 +275,16 @@ def guarded(work: Callable[[], int], rank: int, what: str, usage_errors: tuple) 
     except OSError as exc:  # the environment (a disk, a mount) failed, not the run
         print(f"error: [rank {rank}] {exc}", file=sys.stderr, flush=True)
         code = exitcodes.IO_ERROR
+    except Exception as exc:
+        code = getattr(exc, "exit_code", None)
+        if code is None:
+            print(f"[rank {rank}] {what} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+            code = exitcodes.FAILED
+        else:  # an error that names its own exit code (e.g. data.UnreadableImages): its last line, re-raised by a
+            #   DataLoader worker below the worker's traceback, is the message
+            lines = [line for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+            print(f"error: [rank {rank}] {lines[-1].removeprefix(f'{type(exc).__name__}: ')}", file=sys.stderr,
+                  flush=True)
     except BaseException:
         print(f"[rank {rank}] {what} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         code = exitcodes.FAILED

@@ -173,6 +173,7 @@ def test_a_full_disk_during_a_checkpoint_ends_every_rank_in_one_line_and_keeps_t
 def test_errors_that_every_rank_meets_are_printed_once_and_a_ranks_own_by_it(capsys):
     from ddp_resnet import distributed
     from ddp_resnet.config import ConfigError, RankError
+    from ddp_resnet.data.imagefolder import UnreadableImages
 
     def fail(exc):
         def work():
@@ -183,9 +184,16 @@ def test_errors_that_every_rank_meets_are_printed_once_and_a_ranks_own_by_it(cap
     assert distributed.guarded(fail(RankError("local rank 3 has no GPU")), 3, "training", (ConfigError,)) == 2
     assert distributed.guarded(fail(OSError(28, "No space left on device", "/x")), 0, "training", ()) == 74
     assert distributed.guarded(fail(ConfigError("bad key")), 0, "training", (ConfigError,)) == 2
+    worker = UnreadableImages("Caught UnreadableImages in DataLoader worker process 0.\nOriginal Traceback (most "
+                              "recent call last):\n  File \"x.py\", line 1\nUnreadableImages: not one of 1000 "
+                              "consecutive samples from a.jpg could be read\n")
+    assert distributed.guarded(fail(worker), 1, "training", (ConfigError,)) == 76
+    assert distributed.guarded(fail(RuntimeError("a bug")), 0, "training", (ConfigError,)) == 1
     err = capsys.readouterr().err.splitlines()
-    assert err == ["error: [rank 3] local rank 3 has no GPU",
-                   "error: [rank 0] [Errno 28] No space left on device: '/x'", "error: bad key"]
+    assert err[:4] == ["error: [rank 3] local rank 3 has no GPU",
+                       "error: [rank 0] [Errno 28] No space left on device: '/x'", "error: bad key",
+                       "error: [rank 1] not one of 1000 consecutive samples from a.jpg could be read"]
+    assert err[4] == "[rank 0] training failed:" and "RuntimeError: a bug" in err[5:]
 
 
 def test_a_config_error_under_torchrun_is_printed_once(tmp_path):

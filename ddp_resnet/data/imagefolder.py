@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from ddp_resnet.config import ConfigError
+from ddp_resnet.exitcodes import BAD_DATA
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SKIPPED_FOLDERS = ("__MACOSX",)  # macOS archive metadata, never a class
@@ -41,7 +42,10 @@ T = TypeVar("T")
 
 
 class UnreadableImages(RuntimeError):
-    """Not one of many consecutive samples could be read: a substitute for a bad image cannot be found."""
+    """Not one of many consecutive samples could be read: a substitute for a bad image cannot be found (the
+    process exits ``exit_code``, as past ``data.max_bad_images``: ``distributed.guarded``)."""
+
+    exit_code = BAD_DATA
 
 
 def split_dirs(root: str | os.PathLike) -> tuple[Path, Path]:
