@@ -75,6 +75,32 @@ class RunLock:
             self.handle = None
 
 
+def is_locked(out: str | Path) -> bool:
+    """True while a process holds ``RunLock`` on ``out`` (probed without taking it for longer than a moment)."""
+    path = Path(out) / ".lock"
+    if not path.is_file():
+        return False
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, flush it to disk, rename it into place: a reader sees
+    the old file or the new one, never a part."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
 def check_writable(out: str | Path) -> None:
     """Create the output directory and prove it writable, or raise ConfigError naming the problem: a file where a
     directory should be, a parent that cannot be created, a read-only or full file system, no permission."""
@@ -158,13 +184,13 @@ def read_jsonl(path: str | Path, skip_bad: bool = False) -> list[dict]:
     return records
 
 
-def read_metrics(out: str | Path, required: bool = False) -> list[dict]:
+def read_metrics(out: str | Path, required: bool = False, skip_bad: bool = False) -> list[dict]:
     """The per-epoch records (metrics.jsonl, without its ``event`` records: ``read_events``); with ``required``, a
-    missing or empty file is a RunDirError."""
+    missing or empty file is a RunDirError; ``skip_bad`` skips lines that are not JSON (a running job's last)."""
     path = Path(out) / METRICS
     if required and not path.is_file():
         raise RunDirError(f"{out} holds no {METRICS} (is it a ddp_resnet run directory?)")
-    records = [r for r in read_jsonl(path) if "event" not in r]
+    records = [r for r in read_jsonl(path, skip_bad) if "event" not in r]
     if required and not records:
         raise RunDirError(f"{path} is empty: the run has not finished an epoch yet")
     return records

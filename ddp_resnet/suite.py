@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from ddp_resnet import distributed, suite_items
+from ddp_resnet import distributed, rundir, suite_items
 from ddp_resnet.config import ConfigError
 from ddp_resnet.data import cifar
 from ddp_resnet.exitcodes import FAILED as EXIT_FAILED
@@ -288,8 +288,8 @@ def main(argv: list[str] | None = None) -> int:
 def write_results(out: Path, header: dict, records: list[dict], elapsed_s: float) -> None:
     """Rewrite suite.json and suite.md (each atomically: a temporary file, then a rename)."""
     doc = {"suite": {**header, "elapsed_s": elapsed_s}, "items": records}
-    suite_items.write_text_atomic(out / "suite.json", json.dumps(doc, indent=2, default=str) + "\n")
-    suite_items.write_text_atomic(out / "suite.md", render_markdown(doc))
+    rundir.write_text_atomic(out / "suite.json", json.dumps(doc, indent=2, default=str) + "\n")
+    rundir.write_text_atomic(out / "suite.md", render_markdown(doc))
 
 
 def render_markdown(doc: dict) -> str:

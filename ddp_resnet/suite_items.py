@@ -255,18 +255,8 @@ def profile_runner(runner, steps: int, stem: Path, ctx: Context, title: str) -> 
                                       row_limit=25)
     text = (f"{title}: {steps} steps under torch.profiler (trace: {trace_path.name})\n\n{format_gaps(gaps)}\n\n"
             f"operators by self {'device' if cuda else 'CPU'} time:\n{table}\n")
-    write_text_atomic(stem.with_name(stem.name + ".txt"), text)
+    rundir.write_text_atomic(stem.with_name(stem.name + ".txt"), text)
     return {"table": stem.name + ".txt", "trace": trace_path.name, "steps": steps, **gaps}
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, flush it to disk, rename it into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------- 1. resnet50_224
@@ -504,7 +494,7 @@ def make_jpeg_tree(root: Path, n_train: int, n_val: int, classes: int, side: lis
         sizes = list(pool.imap_unordered(_write_jpeg, jobs, chunksize=max(1, len(jobs) // (8 * workers))))
     made = {"shape": want, "files": len(jobs), "seconds": time.perf_counter() - tick, "processes": workers,
             "mean_kib": sum(sizes) / len(sizes) / 1024}
-    write_text_atomic(manifest, json.dumps(made))
+    rundir.write_text_atomic(manifest, json.dumps(made))
     return {**made, "generated_now": True}
 
 

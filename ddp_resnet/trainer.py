@@ -463,7 +463,8 @@ class Trainer:
                 batches = None  # the epoch's loader iterator (and its workers' batches) ends here
                 with clock.outside():
                     self._finish_epoch(writer)
-                code = agreed_stop(self.stop_code, self.env, self.control, state.step, self.steps_per_epoch)
+                if self.callbacks:  # only a callback asks (every rank has the same ones): else no collective
+                    code = agreed_stop(self.stop_code, self.env, self.control, state.step, self.steps_per_epoch)
             elif stopping or out_of_budget or periodic:
                 with clock.outside():
                     self.nonfinite.check()

@@ -151,10 +151,10 @@ def _wait(predicate, proc: subprocess.Popen, what: str, timeout_s: float = 180) 
 
 def _wait_unlocked(folder: Path, timeout_s: float = 60) -> None:
     """Until the trial process (an orphan of a killed search) has stopped and let go of its directory."""
-    from ddp_resnet.search.launch import _locked
+    from ddp_resnet.rundir import is_locked
 
     deadline = time.time() + timeout_s
-    while _locked(folder):
+    while is_locked(folder):
         assert time.time() < deadline, f"{folder} stayed locked"
         time.sleep(0.2)
 

@@ -11,7 +11,6 @@ Arguments always travel as argv lists (never through a shell).
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import os
 import shlex
 import signal
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ddp_resnet import exitcodes
+from ddp_resnet import exitcodes, rundir
 
 TRIAL_LOG = "train.log"  # a local trial's output, appended at every launch
 UNKNOWN_POLLS = 20  # a SLURM job the controller no longer knows, this many polls (3 s) in a row, is gone
@@ -42,20 +41,6 @@ class Launch:
     slot: int = 0
     job_id: str = ""  # SLURM: the job (array task) running it
     unknown: int = 0  # SLURM: polls in a row without a job state
-
-
-def _locked(folder: Path) -> bool:
-    """True while a process holds the run directory's lock (the trainer's ``.lock``)."""
-    path = folder / ".lock"
-    if not path.is_file():
-        return False
-    with open(path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return True
-        fcntl.flock(handle, fcntl.LOCK_UN)
-    return False
 
 
 def last_error(log: Path) -> str:
@@ -114,7 +99,7 @@ class LocalRunner:
 
         for launch in launches:
             waited = time.time()
-            while _locked(launch.dir):  # a process of an earlier search is still stopping (writing its checkpoint)
+            while rundir.is_locked(launch.dir):  # an earlier search's process is still writing its checkpoint
                 if time.time() - waited > 30:
                     self.note(f"note: waiting for trial {launch.number}'s previous process to release {launch.dir}")
                     waited = time.time()

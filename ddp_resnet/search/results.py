@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,8 +35,7 @@ class Row:
 
 def read_history(out: Path, number: int, metric: str) -> tuple[list, int]:
     """Trial ``number``'s ``[(epoch, value)]`` of the metric (1-based epochs) and its number of epoch records."""
-    records = [r for r in rundir.read_jsonl(trial_dir(out, number) / rundir.METRICS, skip_bad=True)
-               if "event" not in r and "epoch" in r]  # epoch records only (a resume on another world size adds one)
+    records = [r for r in rundir.read_metrics(trial_dir(out, number), skip_bad=True) if "epoch" in r]
     return [(int(r["epoch"]) + 1, float(r[metric])) for r in records if r.get(metric) is not None], len(records)
 
 
@@ -70,13 +68,6 @@ def _fmt(value) -> str:
 
 def format_params(params: dict) -> str:
     return ", ".join(f"{k}={_fmt(v)}" for k, v in params.items())
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write a text file atomically."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def csv_text(rows: list[Row], keys: list[str], metric: str) -> str:
@@ -131,7 +122,7 @@ def write_best_yaml(out: Path, trial, metric: str) -> Path | None:
     params = format_params(trial.params)
     header = (f"# The best trial of the search in {out}: trial {trial.number}, {metric} {trial.value:.4g} ({params}).\n"
               f"# Its resolved config, in a fresh run directory:  python -m ddp_resnet.train --config {path}\n")
-    write_text(path, header + yaml.safe_dump(tree, sort_keys=False))
+    rundir.write_text_atomic(path, header + yaml.safe_dump(tree, sort_keys=False))
     return path
 
 
@@ -174,14 +165,14 @@ def write_all(study, spec, now: float) -> tuple[list[Row], str]:
     out, keys = spec.out, [p.key for p in spec.params]
     rows = trial_rows(study, out, spec.metric, spec.direction == "maximize", now)
     best = best_trial(study)
-    write_text(out / "search.csv", csv_text(rows, keys, spec.metric))
+    rundir.write_text_atomic(out / "search.csv", csv_text(rows, keys, spec.metric))
     if best is not None:
         write_best_yaml(out, best, spec.metric)
     try:
         written, note = draw_plots(out / PLOTS, study, rows, spec), ""
     except plots.MissingMatplotlib as exc:
         written, note = [], f"plots skipped: {exc}"
-    write_text(out / "search.md", summary_md(spec, rows, best, written, note))
+    rundir.write_text_atomic(out / "search.md", summary_md(spec, rows, best, written, note))
     return rows, note
 
 

@@ -6,9 +6,9 @@ trial's number, the metric and direction, the pruner, the parameters. Nothing he
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from ddp_resnet import rundir
 from ddp_resnet.config import ConfigError
 
 TRIAL_FILE = "trial.json"
@@ -24,9 +24,7 @@ def write_json(path: str | Path, data) -> None:
     """Write JSON atomically (a temporary file in the same directory, then a rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    rundir.write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def read_trial_file(path: str | Path) -> dict:
